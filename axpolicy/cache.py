@@ -1,0 +1,76 @@
+"""Lookup cache: TTLs, stale-if-error and an LRU bound.
+
+DESCRIPTION
+    Positive answers (FOUND) are fresh for ``ttl`` seconds, negative ones
+    (NOTFOUND) for ``negative_ttl``.  After that an entry is no longer
+    served normally, but it is kept until it is ``stale_if_error`` seconds
+    old: when the directory fails, :meth:`LookupCache.get_stale` lets the
+    router answer with what the directory said last instead of TEMP.
+    TEMP results are never stored.  At most ``max_entries`` entries are
+    kept; the least recently used is evicted first.
+
+    Pure data structure: no I/O, no asyncio; the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Hashable
+
+from axpolicy.config import CacheConfig
+from axpolicy.result import LookupResult, Status
+
+
+class LookupCache:
+    """A bounded map from lookup key to its last definite answer."""
+
+    def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cfg = cfg
+        self._clock = clock
+        self._entries: collections.OrderedDict[Hashable, tuple[LookupResult, float]] = collections.OrderedDict()
+        self._keep = max(cfg.ttl, cfg.negative_ttl, cfg.stale_if_error)
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> LookupResult | None:
+        """The fresh answer for *key*, or None."""
+        item = self._entries.get(key)
+        if item is not None:
+            result, stored = item
+            ttl = self._cfg.ttl if result.status is Status.FOUND else self._cfg.negative_ttl
+            if self._clock() - stored < ttl:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return result
+        self.misses += 1
+        return None
+
+    def get_stale(self, key: Hashable) -> LookupResult | None:
+        """An answer younger than ``stale_if_error``, fresh or not, or None."""
+        item = self._entries.get(key)
+        if item is None:
+            return None
+        result, stored = item
+        if self._clock() - stored >= self._cfg.stale_if_error:
+            del self._entries[key]
+            return None
+        self.stale += 1
+        return result
+
+    def put(self, key: Hashable, result: LookupResult) -> None:
+        """Remember a FOUND or NOTFOUND answer; anything else is ignored."""
+        if result.status not in (Status.FOUND, Status.NOTFOUND) or self._cfg.max_entries == 0 or self._keep == 0:
+            return
+        self._entries[key] = (result, self._clock())
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._cfg.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (used when the user maps change on reload)."""
+        self._entries.clear()

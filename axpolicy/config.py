@@ -1,0 +1,380 @@
+"""Configuration: one YAML file, validated completely at load.
+
+DESCRIPTION
+    :func:`load` reads the file with ``yaml.safe_load`` and turns it into
+    frozen dataclasses.  Every key is known: an unknown key, a wrong type or
+    a bad value raises :class:`ConfigError` whose message starts with the
+    dotted path of the key (``usermaps.people.timeout: ...``), so that an
+    operator can fix the file without reading code.
+
+    Relative paths in the file are taken relative to the file's directory,
+    so a configuration and its user-map file can be copied together.
+
+    Secrets (``bind_password_file``) are read here, at load time, which is
+    before the daemon drops privileges.
+
+SECURITY
+    :func:`effective` masks secrets; nothing else in axpolicy prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+from axpolicy.address import AddressError, normalize_domain
+
+DEFAULT_PATH = "/etc/axpolicy/axpolicy.yml"
+MASK = "********"
+
+Scope = Literal["base", "one", "sub"]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LdapMapConfig:
+    """An LDAP user map (see README.rst, "usermaps")."""
+
+    name: str
+    servers: tuple[str, ...]
+    base: str
+    start_tls: bool = False
+    ca_file: str | None = None
+    bind_dn: str | None = None
+    bind_password: str | None = dataclasses.field(default=None, repr=False)
+    bind_password_file: str | None = None
+    scope: Scope = "sub"
+    filter: str = "(mail=%s)"
+    host_attribute: str = "mailHost"
+    timeout: float = 3.0
+    pool_size: int = 4
+    queue_size: int = 256
+    catchall: bool = False
+    failback_interval: float = 30.0
+    type: Literal["ldap"] = "ldap"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileMapConfig:
+    """A file user map: ``address host``, ``@domain host``, ``/regex/ host``."""
+
+    name: str
+    path: str
+    type: Literal["file"] = "file"
+
+    @property
+    def catchall(self) -> bool:
+        return True
+
+
+UserMapConfig = LdapMapConfig | FileMapConfig
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Lookup cache; all times in seconds, 0 disables that part."""
+
+    ttl: float = 300.0
+    negative_ttl: float = 60.0
+    stale_if_error: float = 3600.0
+    max_entries: int = 100000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    path: str
+    usermaps: Mapping[str, UserMapConfig]
+    domains: frozenset[str] | None = None
+    recipient_delimiter: str = ""
+    cache: CacheConfig = CacheConfig()
+
+    @property
+    def default_usermap(self) -> str:
+        """The user map used when none is named: the first in the file."""
+        return next(iter(self.usermaps))
+
+
+# --------------------------------------------------------------------------
+# Validation helpers.  Each takes the dotted path of the value it checks so
+# that every message can name the key.
+
+
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")
+
+
+def _mapping(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(path, f"expected a mapping, got {_kind(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise _fail(path, f"keys must be strings, got {key!r}")
+    return value
+
+
+def _known(section: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise _fail(f"{path}.{unknown[0]}" if path else unknown[0],
+                    f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _str(value: Any, path: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, f"expected a string, got {_kind(value)}")
+    if not empty and not value.strip():
+        raise _fail(path, "must not be empty")
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _number(value: Any, path: str, *, minimum: float, maximum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path, f"expected a number, got {_kind(value)}")
+    if not minimum <= value <= maximum:
+        raise _fail(path, f"must be between {minimum:g} and {maximum:g}, got {value:g}")
+    return float(value)
+
+
+def _int(value: Any, path: str, *, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(path, f"expected a whole number, got {_kind(value)}")
+    if not minimum <= value <= maximum:
+        raise _fail(path, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _path(value: Any, path: str, base_dir: str) -> str:
+    text = _str(value, path)
+    return os.path.normpath(os.path.join(base_dir, text))
+
+
+# --------------------------------------------------------------------------
+# Sections.
+
+_LDAP_KEYS = {f.name for f in dataclasses.fields(LdapMapConfig)} - {"name"}
+_FILE_KEYS = {f.name for f in dataclasses.fields(FileMapConfig)} - {"name"}
+_FILTER_ESCAPE_RE = re.compile(r"%(.)", re.DOTALL)
+
+
+def check_filter(template: str, path: str) -> None:
+    """Reject a filter template with unknown ``%`` escapes or bad syntax."""
+    for match in _FILTER_ESCAPE_RE.finditer(template):
+        if match.group(1) not in "sud%":
+            raise _fail(path, f"unknown escape %{match.group(1)} (use %s, %u, %d or %%)")
+    if template.endswith("%") and not template.endswith("%%"):
+        raise _fail(path, "lone % at the end (write %% for a literal %)")
+    if "%s" not in template and "%u" not in template:
+        raise _fail(path, "must contain %s or %u, or every address would match")
+    # Imported here: ldap3 is heavy and only the ldap map needs it.
+    from axpolicy.ldapmap import expand_filter, filter_is_valid
+
+    if not filter_is_valid(expand_filter(template, "user", "example.com")):
+        raise _fail(path, "is not a valid LDAP filter (RFC 4515)")
+
+
+def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapMapConfig:
+    _known(raw, _LDAP_KEYS, path)
+    servers_raw = raw.get("servers")
+    if isinstance(servers_raw, str):
+        servers_raw = [servers_raw]
+    if not isinstance(servers_raw, list) or not servers_raw:
+        raise _fail(f"{path}.servers", "expected a non-empty list of ldap:// or ldaps:// URLs")
+    servers = []
+    for index, item in enumerate(servers_raw):
+        url = _str(item, f"{path}.servers[{index}]")
+        parts = urlsplit(url)
+        if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+            raise _fail(f"{path}.servers[{index}]", f"expected ldap://host[:port] or ldaps://..., got {url!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise _fail(f"{path}.servers[{index}]", f"bad port in {url!r}") from None
+        if parts.path not in ("", "/") or parts.query:
+            raise _fail(f"{path}.servers[{index}]", "only scheme, host and port are allowed")
+        servers.append(url)
+    if "base" not in raw:
+        raise _fail(f"{path}.base", "required")
+    fields: dict[str, Any] = {"name": name, "servers": tuple(servers),
+                              "base": _str(raw["base"], f"{path}.base", empty=True)}
+    for key in ("start_tls", "catchall"):
+        if key in raw:
+            fields[key] = _bool(raw[key], f"{path}.{key}")
+    if raw.get("ca_file") is not None:
+        fields["ca_file"] = _path(raw["ca_file"], f"{path}.ca_file", base_dir)
+        if not os.path.isfile(fields["ca_file"]):
+            raise _fail(f"{path}.ca_file", f"no such file: {fields['ca_file']}")
+    if raw.get("bind_dn") is not None:
+        fields["bind_dn"] = _str(raw["bind_dn"], f"{path}.bind_dn")
+    if raw.get("bind_password") is not None and raw.get("bind_password_file") is not None:
+        raise _fail(f"{path}.bind_password", "give bind_password or bind_password_file, not both")
+    if raw.get("bind_password") is not None:
+        fields["bind_password"] = _str(raw["bind_password"], f"{path}.bind_password", empty=True)
+    if raw.get("bind_password_file") is not None:
+        secret_path = _path(raw["bind_password_file"], f"{path}.bind_password_file", base_dir)
+        fields["bind_password_file"] = secret_path
+        try:
+            with open(secret_path, encoding="utf-8") as handle:
+                # One line; a trailing newline is not part of the password.
+                fields["bind_password"] = handle.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _fail(f"{path}.bind_password_file", f"cannot read: {exc.__class__.__name__}: "
+                        f"{getattr(exc, 'strerror', None) or exc}") from None
+    if fields.get("bind_password") is not None and fields.get("bind_dn") is None:
+        raise _fail(f"{path}.bind_dn", "required when a bind password is given")
+    if "scope" in raw:
+        scope = _str(raw["scope"], f"{path}.scope")
+        if scope not in ("base", "one", "sub"):
+            raise _fail(f"{path}.scope", f"expected base, one or sub, got {scope!r}")
+        fields["scope"] = scope
+    if "filter" in raw:
+        fields["filter"] = _str(raw["filter"], f"{path}.filter")
+    check_filter(fields.get("filter", LdapMapConfig.filter), f"{path}.filter")
+    if "host_attribute" in raw:
+        attr = _str(raw["host_attribute"], f"{path}.host_attribute")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", attr):
+            raise _fail(f"{path}.host_attribute", f"not an attribute name: {attr!r}")
+        fields["host_attribute"] = attr
+    if "timeout" in raw:
+        fields["timeout"] = _number(raw["timeout"], f"{path}.timeout", minimum=0.05, maximum=300)
+    if "failback_interval" in raw:
+        fields["failback_interval"] = _number(raw["failback_interval"], f"{path}.failback_interval",
+                                              minimum=0, maximum=86400)
+    if "pool_size" in raw:
+        fields["pool_size"] = _int(raw["pool_size"], f"{path}.pool_size", minimum=1, maximum=64)
+    if "queue_size" in raw:
+        fields["queue_size"] = _int(raw["queue_size"], f"{path}.queue_size", minimum=0, maximum=100000)
+    return LdapMapConfig(**fields)
+
+
+def _file_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> FileMapConfig:
+    _known(raw, _FILE_KEYS, path)
+    if "path" not in raw:
+        raise _fail(f"{path}.path", "required")
+    return FileMapConfig(name=name, path=_path(raw["path"], f"{path}.path", base_dir))
+
+
+def _usermaps(value: Any, base_dir: str) -> dict[str, UserMapConfig]:
+    raw_maps = _mapping(value, "usermaps")
+    if not raw_maps:
+        raise _fail("usermaps", "at least one user map is required")
+    maps: dict[str, UserMapConfig] = {}
+    for name, raw in raw_maps.items():
+        path = f"usermaps.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise _fail(path, "map names may use letters, digits, '_', '.' and '-'")
+        raw = _mapping(raw, path)
+        kind = raw.get("type")
+        if kind == "ldap":
+            maps[name] = _ldap_map(name, raw, path, base_dir)
+        elif kind == "file":
+            maps[name] = _file_map(name, raw, path, base_dir)
+        else:
+            raise _fail(f"{path}.type", f"expected ldap or file, got {kind!r}")
+    return maps
+
+
+def _cache(value: Any) -> CacheConfig:
+    raw = _mapping(value, "cache")
+    _known(raw, {f.name for f in dataclasses.fields(CacheConfig)}, "cache")
+    fields: dict[str, Any] = {}
+    for key in ("ttl", "negative_ttl", "stale_if_error"):
+        if key in raw:
+            fields[key] = _number(raw[key], f"cache.{key}", minimum=0, maximum=30 * 86400)
+    if "max_entries" in raw:
+        fields["max_entries"] = _int(raw["max_entries"], "cache.max_entries", minimum=0, maximum=10**8)
+    return CacheConfig(**fields)
+
+
+def _domains(value: Any) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _fail("domains", f"expected a list of domains, got {_kind(value)}")
+    domains = set()
+    for index, item in enumerate(value):
+        text = _str(item, f"domains[{index}]")
+        try:
+            domains.add(normalize_domain(text))
+        except AddressError as exc:
+            raise _fail(f"domains[{index}]", f"{text!r}: {exc}") from None
+    return frozenset(domains)
+
+
+def _delimiter(value: Any) -> str:
+    text = _str(value, "recipient_delimiter", empty=True)
+    for ch in text:
+        if ch.isspace() or not ch.isprintable() or ch in '@%!"\\':
+            raise _fail("recipient_delimiter", f"{ch!r} cannot be a delimiter")
+    return text
+
+
+_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache"}
+
+
+def parse(raw: Any, path: str) -> Config:
+    """Validate the parsed YAML document *raw* that was read from *path*."""
+    top = _mapping(raw if raw is not None else {}, "(top level)")
+    _known(top, _TOP_KEYS, "")
+    if "usermaps" not in top:
+        raise _fail("usermaps", "required")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return Config(
+        path=os.path.abspath(path),
+        usermaps=_usermaps(top["usermaps"], base_dir),
+        domains=_domains(top.get("domains")),
+        recipient_delimiter=_delimiter(top.get("recipient_delimiter", "")),
+        cache=_cache(top.get("cache", {})),
+    )
+
+
+def load(path: str) -> Config:
+    """Read and validate the configuration file at *path*."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse(raw, path)
+
+
+def effective(config: Config) -> dict[str, Any]:
+    """The configuration as plain data with defaults filled in, secrets masked."""
+    maps: dict[str, Any] = {}
+    for name, usermap in config.usermaps.items():
+        data = {f.name: getattr(usermap, f.name) for f in dataclasses.fields(usermap) if f.name != "name"}
+        if isinstance(usermap, LdapMapConfig):
+            data["servers"] = list(usermap.servers)
+            if usermap.bind_password is not None:
+                data["bind_password"] = MASK
+        maps[name] = data
+    return {
+        "usermaps": maps,
+        "domains": sorted(config.domains) if config.domains is not None else None,
+        "recipient_delimiter": config.recipient_delimiter,
+        "cache": dataclasses.asdict(config.cache),
+    }

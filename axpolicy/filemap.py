@@ -1,0 +1,187 @@
+"""File user map: the Axigen-style local map, and the built-in default.
+
+DESCRIPTION
+    One entry a line, ``#`` starts a comment line, blank lines are skipped::
+
+        alice@example.com        mail1.example.com   # exact address
+        @example.net             mail2.example.com   # catch-all for a domain
+        /^sales-[a-z]+@example\\.com$/  10.0.0.7      # regular expression
+
+    Keys are normalised like every address (lowercase local part, A-label
+    domain), so case and IDNA form do not matter.  An exact key is tried
+    first, then the regular expressions in file order (Python ``re``
+    syntax, matched case-insensitively against ``user@domain``; anchor them
+    yourself with ``^`` and ``$``).  ``@domain`` keys are exact only.
+
+    The file is re-read when its modification time, size or inode changes
+    (checked at most once a second, on lookup).  A file that became invalid
+    or unreadable is reported and the previous contents stay in use.
+
+LIMITS
+    ``limits.FILEMAP_MAX_BYTES`` per file, ``FILEMAP_MAX_LINE_BYTES`` per line.
+
+DIAGNOSTICS
+    FOUND or NOTFOUND; never TEMP once loaded.  :class:`FileMapError` names
+    the file and line of the first problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import re
+import time
+
+from axpolicy import limits
+from axpolicy.address import AddressError, normalize_domain, parse, valid_host
+from axpolicy.config import FileMapConfig
+from axpolicy.result import NOTFOUND, LookupResult, found
+
+logger = logging.getLogger(__name__)
+
+_REGEX_LINE_RE = re.compile(r"/(?P<pattern>.+)/(?P<flags>\S*)\s+(?P<host>\S+)\Z")
+
+
+class FileMapError(Exception):
+    """The map file is unusable; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Table:
+    exact: dict[str, str]
+    patterns: tuple[tuple[re.Pattern[str], str], ...]
+    signature: tuple[int, int, int]
+
+
+def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.Pattern[str], str], ...]]:
+    """Parse map text; raise FileMapError naming ``origin:line``."""
+    exact: dict[str, str] = {}
+    first_seen: dict[str, int] = {}
+    patterns: list[tuple[re.Pattern[str], str]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        where = f"{origin}:{number}"
+        if len(line.encode("utf-8", "surrogatepass")) > limits.FILEMAP_MAX_LINE_BYTES:
+            raise FileMapError(f"{where}: line too long")
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("/"):
+            match = _REGEX_LINE_RE.match(line)
+            if not match:
+                raise FileMapError(f"{where}: expected /regex/ host")
+            if match["flags"]:
+                raise FileMapError(f"{where}: regex flags are not supported")
+            try:
+                pattern = re.compile(match["pattern"], re.IGNORECASE)
+            except re.error as exc:
+                raise FileMapError(f"{where}: bad regular expression: {exc}") from None
+            patterns.append((pattern, _host(match["host"], where)))
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise FileMapError(f"{where}: expected 'address host', '@domain host' or '/regex/ host'")
+        key_text, host_text = fields
+        try:
+            if key_text.startswith("@"):
+                key = "@" + normalize_domain(key_text[1:])
+            else:
+                key = parse(key_text).key
+        except AddressError as exc:
+            raise FileMapError(f"{where}: {key_text!r}: {exc}") from None
+        if key in exact:
+            raise FileMapError(f"{where}: duplicate key {key} (first on line {first_seen[key]})")
+        exact[key] = _host(host_text, where)
+        first_seen[key] = number
+    return exact, tuple(patterns)
+
+
+def _host(text: str, where: str) -> str:
+    if not valid_host(text):
+        raise FileMapError(f"{where}: {text!r} is not a host name or IP address")
+    return text.lower()
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def _read(path: str) -> _Table:
+    try:
+        with open(path, "rb") as handle:
+            stat = os.fstat(handle.fileno())
+            if stat.st_size > limits.FILEMAP_MAX_BYTES:
+                raise FileMapError(f"{path}: larger than {limits.FILEMAP_MAX_BYTES} bytes")
+            data = handle.read(limits.FILEMAP_MAX_BYTES + 1)
+    except OSError as exc:
+        raise FileMapError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileMapError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    exact, patterns = parse_table(text, path)
+    return _Table(exact, patterns, _signature(stat))
+
+
+class FileUserMap:
+    """Exact-key lookups in a local file (see module docstring)."""
+
+    def __init__(self, cfg: FileMapConfig) -> None:
+        self.name = cfg.name
+        self.catchall = cfg.catchall
+        self._path = cfg.path
+        self._table = _read(cfg.path)  # FileMapError at start-up is fatal
+        self._checked = time.monotonic()
+        self._reloading: asyncio.Lock | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self._table.exact) + len(self._table.patterns)
+
+    async def lookup(self, key: str) -> LookupResult:
+        """FOUND with the host, or NOTFOUND."""
+        if time.monotonic() - self._checked >= limits.FILEMAP_CHECK_INTERVAL_SECONDS:
+            await self._maybe_reload()
+        table = self._table
+        host = table.exact.get(key)
+        if host is not None:
+            return found(host)
+        if not key.startswith("@"):
+            for pattern, pattern_host in table.patterns:
+                if pattern.search(key):
+                    return found(pattern_host)
+        return NOTFOUND
+
+    async def _maybe_reload(self) -> None:
+        if self._reloading is None:
+            self._reloading = asyncio.Lock()
+        if self._reloading.locked():
+            return  # another lookup is reloading; answer from the current table
+        async with self._reloading:
+            self._checked = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, self.reload_if_changed)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed; keep the old table on any error."""
+        try:
+            signature = _signature(os.stat(self._path))
+        except OSError as exc:
+            logger.error("usermap %s: cannot stat %s (%s); keeping the loaded map",
+                         self.name, self._path, exc.strerror)
+            return False
+        if signature == self._table.signature:
+            return False
+        try:
+            table = _read(self._path)
+        except FileMapError as exc:
+            logger.error("usermap %s: reload failed, keeping the loaded map: %s", self.name, exc)
+            # Remember the bad version so the error is logged once per change.
+            self._table = dataclasses.replace(self._table, signature=signature)
+            return False
+        self._table = table
+        logger.info("usermap %s: reloaded %s (%d entries)", self.name, self._path, self.size)
+        return True
+
+    async def close(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,340 @@
+"""LDAP user map: the only module that imports ldap3.
+
+DESCRIPTION
+    One exact key (``user@domain`` or ``@domain``) becomes one LDAP search.
+    ldap3's synchronous client runs in a small thread pool so that searches
+    never block the event loop: ``pool_size`` worker threads, each owning at
+    most one connection, so there is exactly one search in flight per
+    connection.  At most ``queue_size`` further lookups wait for a worker;
+    beyond that a lookup fails at once with TEMP (overload must not turn
+    into unbounded memory or latency).
+
+    Failover: servers are tried in the configured order.  A server that
+    fails (connect error, timeout, broken connection) is skipped for
+    ``failback_interval`` seconds; when that time has passed, the next
+    lookup on each connection tries it again and moves back to it.  A
+    connection that breaks quickly after being reused (a server restart,
+    an idle timeout on the server side) is retried once on a fresh
+    connection to the same server, as Postfix's dict_sockmap does, to make
+    server restarts transparent.
+
+PROTOCOL
+    RFC 4511 search: ``base``, ``scope``, the configured filter with ``%s``
+    (whole key), ``%u`` (local part), ``%d`` (domain) replaced by values
+    escaped per RFC 4515, one attribute (``host_attribute``).
+
+DIAGNOSTICS
+    FOUND     one or more entries, all with the same single host value.
+    NOTFOUND  the search succeeded with no entries, or the entries lack
+              the host attribute (logged as a warning).
+    TEMP      connect or bind failure, timeout, broken connection, any
+              non-success result (including noSuchObject for a missing
+              base, size and time limits), a referral, entries that
+              disagree (ambiguous), several host values, or a host value
+              that is not a host name or IP address.
+
+SECURITY
+    Every value put into the filter goes through ``escape_filter_chars``;
+    ldap3's own auto-escaping is turned off so nothing is escaped twice.
+    The bind password is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import queue
+import re
+import ssl
+import threading
+import time
+from typing import Any
+
+import ldap3
+from ldap3.core import exceptions as ldap_errors
+from ldap3.operation.search import parse_filter
+from ldap3.utils.conv import escape_filter_chars
+
+from axpolicy import limits
+from axpolicy.address import valid_host
+from axpolicy.config import LdapMapConfig
+from axpolicy.log import printable as _printable
+from axpolicy.result import NOTFOUND, LookupResult, found, temp
+
+logger = logging.getLogger(__name__)
+
+_SCOPES = {"base": ldap3.BASE, "one": ldap3.LEVEL, "sub": ldap3.SUBTREE}
+_ESCAPE_RE = re.compile(r"%([sud%])")
+
+
+def expand_filter(template: str, local: str, domain: str) -> str:
+    """Fill ``%s``, ``%u``, ``%d`` and ``%%`` in *template*, escaping values."""
+    address = f"{local}@{domain}"
+    values = {"s": escape_filter_chars(address), "u": escape_filter_chars(local),
+              "d": escape_filter_chars(domain), "%": "%"}
+    return _ESCAPE_RE.sub(lambda m: values[m.group(1)], template)
+
+
+def filter_is_valid(text: str) -> bool:
+    """True when ldap3 can parse *text* as a search filter."""
+    try:
+        parse_filter(text, None, auto_escape=False, auto_encode=False, validator=None, check_names=False)
+    except ldap_errors.LDAPException:
+        return False
+    return True
+
+
+class _Server:
+    """One configured server and its failure state (guarded by the map's lock)."""
+
+    def __init__(self, index: int, url: str, cfg: LdapMapConfig) -> None:
+        self.index = index
+        self.url = url
+        self.tls = None
+        if url.startswith("ldaps://") or cfg.start_tls:
+            self.tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file)
+        self.connect_timeout = cfg.timeout
+        self.down_until = 0.0
+
+    def new(self) -> ldap3.Server:
+        """A fresh ldap3 Server for each connection.
+
+        ldap3 remembers failed addresses inside a Server object and then
+        refuses to try them again ("invalid server address") for minutes;
+        our own failover state is the only one that should decide.
+        """
+        return ldap3.Server(self.url, get_info=ldap3.NONE, connect_timeout=self.connect_timeout, tls=self.tls)
+
+
+class _Slot:
+    """A worker's connection: at most one search at a time uses it."""
+
+    def __init__(self) -> None:
+        self.conn: ldap3.Connection | None = None
+        self.server: _Server | None = None
+
+    def drop(self) -> None:
+        conn, self.conn, self.server = self.conn, None, None
+        if conn is not None:
+            try:
+                conn.unbind()
+            except Exception:  # noqa: BLE001 - closing a broken socket may fail any way
+                pass
+
+
+class _Failure(Exception):
+    """A server-level failure: try the next server."""
+
+
+class LdapUserMap:
+    """Exact-key lookups against an LDAP directory (see module docstring)."""
+
+    def __init__(self, cfg: LdapMapConfig) -> None:
+        self.name = cfg.name
+        self.catchall = cfg.catchall
+        self._cfg = cfg
+        self._servers = [_Server(i, url, cfg) for i, url in enumerate(cfg.servers)]
+        self._lock = threading.Lock()
+        self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._all_slots = [_Slot() for _ in range(cfg.pool_size)]
+        for slot in self._all_slots:
+            self._slots.put(slot)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=cfg.pool_size, thread_name_prefix=f"ldap-{cfg.name}")
+        self._pending = 0
+        self._closed = False
+
+    async def lookup(self, key: str) -> LookupResult:
+        """Search for one exact key; FOUND, NOTFOUND or TEMP (never a guess)."""
+        if self._closed:
+            return temp("user map closed")
+        if self._pending >= self._cfg.pool_size + self._cfg.queue_size:
+            logger.warning("usermap %s: %d lookups pending, refusing more", self.name, self._pending)
+            return temp("user map overloaded")
+        local, _, domain = key.rpartition("@")
+        search_filter = expand_filter(self._cfg.filter, local, domain)
+        deadline = time.monotonic() + self._cfg.timeout
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        future = self._executor.submit(self._search, search_filter, deadline)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._cfg.timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            logger.warning("usermap %s: no answer within %gs", self.name, self._cfg.timeout)
+            return temp("user map timeout")
+
+    def _done(self) -> None:
+        self._pending -= 1
+
+    async def close(self) -> None:
+        """Stop the workers and unbind every connection."""
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for slot in self._all_slots:
+            slot.drop()
+
+    # ------------------------------------------------------------------
+    # Worker side: everything below runs in a pool thread.
+
+    def _search(self, search_filter: str, deadline: float) -> LookupResult:
+        if time.monotonic() >= deadline:
+            return temp("user map timeout")  # the caller has already given up
+        slot = self._slots.get()
+        try:
+            return self._search_with_failover(slot, search_filter)
+        except Exception:  # noqa: BLE001 - a bug must become TEMP, never NOTFOUND
+            logger.exception("usermap %s: unexpected error", self.name)
+            slot.drop()
+            return temp("user map internal error")
+        finally:
+            self._slots.put(slot)
+
+    def _candidates(self) -> list[_Server]:
+        """Servers in order of preference, skipping those that failed recently."""
+        now = time.monotonic()
+        with self._lock:
+            usable = [s for s in self._servers if s.down_until <= now]
+        # All failed recently: try them all anyway rather than answer TEMP
+        # without asking; refused connects are cheap.
+        return usable or list(self._servers)
+
+    def _mark_down(self, server: _Server, why: str) -> None:
+        with self._lock:
+            server.down_until = time.monotonic() + self._cfg.failback_interval
+        logger.warning("usermap %s: server %s failed (%s), failing over", self.name, server.url, why)
+
+    def _search_with_failover(self, slot: _Slot, search_filter: str) -> LookupResult:
+        candidates = self._candidates()
+        if slot.server is not None and slot.server is not candidates[0]:
+            # A preferred server is usable again (fail back), or ours is
+            # marked down: reconnect in order of preference.
+            slot.drop()
+        last_error = "no server"
+        for server in candidates:
+            try:
+                return self._search_on(slot, server, search_filter)
+            except _Failure as exc:
+                last_error = str(exc)
+                slot.drop()
+                self._mark_down(server, last_error)
+        logger.warning("usermap %s: no server could answer (last: %s)", self.name, last_error)
+        return temp("user map unavailable")
+
+    def _connect(self, server: _Server) -> ldap3.Connection:
+        cfg = self._cfg
+        conn = ldap3.Connection(
+            server.new(), user=cfg.bind_dn, password=cfg.bind_password,
+            client_strategy=ldap3.SYNC, auto_bind=ldap3.AUTO_BIND_NONE,
+            # ldap3 packs this into SO_RCVTIMEO as whole seconds; the exact
+            # deadline is enforced by lookup() on the event loop side.
+            receive_timeout=max(1, math.ceil(cfg.timeout)), raise_exceptions=True, read_only=True,
+            check_names=False, auto_referrals=False, auto_escape=False, auto_encode=False)
+        try:
+            conn.open()
+            if cfg.start_tls:
+                conn.start_tls()
+            conn.bind()
+        except ldap_errors.LDAPException as exc:
+            try:
+                conn.unbind()
+            except Exception:  # noqa: BLE001
+                pass
+            raise _Failure(f"connect/bind: {_describe(exc)}") from None
+        return conn
+
+    def _search_on(self, slot: _Slot, server: _Server, search_filter: str) -> LookupResult:
+        reused = slot.conn is not None
+        for attempt in (1, 2):
+            if slot.conn is None:
+                slot.conn, slot.server = self._connect(server), server
+            started = time.monotonic()
+            try:
+                return self._run_search(slot.conn, search_filter)
+            except ldap_errors.LDAPCommunicationError as exc:
+                slot.drop()
+                quick = time.monotonic() - started < self._cfg.timeout / 2
+                if attempt == 1 and reused and quick:
+                    # Most likely a restart or a server-side idle close:
+                    # retry once on a fresh connection to the same server.
+                    continue
+                raise _Failure(f"search: {_describe(exc)}") from None
+            except ldap_errors.LDAPOperationResult as exc:
+                # The server answered with an error result: it is up, but
+                # cannot answer this.  Drop the connection and say TEMP.
+                slot.drop()
+                logger.warning("usermap %s: search failed on %s: %s", self.name, server.url, _describe(exc))
+                return temp("user map search failed")
+            except ldap_errors.LDAPException as exc:
+                slot.drop()
+                raise _Failure(f"search: {_describe(exc)}") from None
+        raise _Failure("search: retry failed")  # not reached
+
+    def _run_search(self, conn: ldap3.Connection, search_filter: str) -> LookupResult:
+        cfg = self._cfg
+        conn.search(cfg.base, search_filter, search_scope=_SCOPES[cfg.scope],
+                    attributes=[cfg.host_attribute], size_limit=limits.LDAP_SIZE_LIMIT,
+                    time_limit=max(1, math.ceil(cfg.timeout)))
+        code = conn.result.get("result") if conn.result else None
+        if code != 0:
+            # sizeLimitExceeded, timeLimitExceeded and referral are not
+            # raised by ldap3 even with raise_exceptions.
+            logger.warning("usermap %s: search result %s %s", self.name, code,
+                           conn.result.get("description") if conn.result else "")
+            return temp("user map search incomplete")
+        return self._evaluate(conn.response or [], search_filter)
+
+    def _evaluate(self, response: list[dict[str, Any]], search_filter: str) -> LookupResult:
+        hosts: set[str] = set()
+        entries = 0
+        for item in response:
+            kind = item.get("type")
+            if kind == "searchResRef":
+                logger.warning("usermap %s: referral returned for %s", self.name, _printable(search_filter))
+                return temp("user map returned a referral")
+            if kind != "searchResEntry":
+                continue
+            entries += 1
+            values = _attribute(item.get("raw_attributes", {}), self._cfg.host_attribute)
+            for raw in values:
+                try:
+                    hosts.add(raw.decode("utf-8").strip().lower())
+                except UnicodeDecodeError:
+                    logger.warning("usermap %s: %s of %s is not UTF-8", self.name,
+                                   self._cfg.host_attribute, _printable(item.get("dn", "")))
+                    return temp("user map entry has a bad host")
+            if not values:
+                logger.warning("usermap %s: %s has no %s; treated as not found", self.name,
+                               _printable(item.get("dn", "")), self._cfg.host_attribute)
+        if not hosts:
+            return NOTFOUND
+        if len(hosts) > 1:
+            logger.warning("usermap %s: %d entries disagree on the host for %s", self.name, entries,
+                           _printable(search_filter))
+            return temp("user map entry is ambiguous")
+        host = hosts.pop()
+        if not valid_host(host):
+            logger.warning("usermap %s: host value %s is not a host name or address", self.name,
+                           _printable(host))
+            return temp("user map entry has a bad host")
+        return found(host)
+
+
+def _attribute(attributes: dict[str, list[bytes]], name: str) -> list[bytes]:
+    """Case-insensitive attribute lookup; ldap3 keeps the server's spelling."""
+    wanted = name.lower()
+    for key, values in attributes.items():
+        if key.lower() == wanted:
+            return list(values)
+    return []
+
+
+def _describe(exc: Exception) -> str:
+    """A short description of an ldap3 error (ldap3 never puts passwords in them)."""
+    return _printable(f"{exc.__class__.__name__}: {exc}")
+

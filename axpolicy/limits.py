@@ -1,0 +1,39 @@
+"""Every size and time limit of axpolicy in one place, with its source.
+
+Limits are named ``UPPER_SNAKE`` with a unit suffix. Where a limit mirrors
+an MTA's own, the upstream name is given so that a reader can check it.
+"""
+
+# RFC 5321 4.5.3.1: local part 64 octets, domain 255 octets, path 256
+# octets.  Real MTAs accept longer; 320 is the figure used by many
+# validators (64 + 1 + 255) and is what the user-map contract promises.
+MAX_ADDRESS_BYTES = 320
+MAX_LOCAL_PART_BYTES = 64
+MAX_DOMAIN_BYTES = 255
+MAX_LABEL_BYTES = 63
+
+# Postfix socketmap_max_query_size (3.12 default): no longer key is useful.
+MAX_KEY_BYTES = 10000
+
+# Postfix socketmap_max_reply_size default (dict_sockmap.c).
+SOCKETMAP_MAX_REPLY_BYTES = 100000
+
+# Postfix DICT_TCP_MAXLEN (dict_tcp.c): the whole reply including LF.
+TCP_TABLE_MAX_LINE_BYTES = 4096
+
+# A host value from the user map ends up in a transport nexthop.
+MAX_HOST_BYTES = 255
+
+# LDAP: how many entries one search may return before the answer is
+# treated as ambiguous (a temporary failure, never a guess).
+LDAP_SIZE_LIMIT = 16
+
+# File user map: refuse absurd files rather than eat memory.
+FILEMAP_MAX_BYTES = 64 * 1024 * 1024
+FILEMAP_MAX_LINE_BYTES = 4096
+
+# How often (seconds) a file user map checks whether its file changed.
+FILEMAP_CHECK_INTERVAL_SECONDS = 1.0
+
+# Peer-supplied text in log lines is cut to this many characters.
+LOG_TEXT_CHARS = 100

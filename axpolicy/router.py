@@ -1,0 +1,107 @@
+"""Router: from a recipient address to FOUND(host), NOTFOUND or TEMP.
+
+DESCRIPTION
+    Every protocol module asks the router; the router asks a user map.
+    For one address it
+
+    1. refuses what can never be a user (:func:`axpolicy.address.parse`),
+    2. answers NOTFOUND for a domain outside ``domains`` (when configured),
+    3. tries the Postfix search order ``user+ext@dom``, ``user@dom``,
+       ``@dom`` (the last only for maps with catch-alls), stopping at the
+       first FOUND or TEMP -- a TEMP is never skipped over, because a later
+       key could then answer for an address the directory might hold,
+    4. caches definite answers per exact key, serves a stale answer when
+       the map fails (stale-if-error), and lets concurrent lookups of the
+       same key share one map lookup.
+
+DIAGNOSTICS
+    FOUND, NOTFOUND, TEMP.  One warning line per TEMP answer and per stale
+    answer served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from axpolicy.address import AddressError, parse, search_keys
+from axpolicy.cache import LookupCache
+from axpolicy.config import Config
+from axpolicy.log import printable
+from axpolicy.result import NOTFOUND, LookupResult, Status, perm
+from axpolicy.usermap import UserMap, open_usermap
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """Resolve addresses through named user maps with a shared cache."""
+
+    def __init__(self, config: Config, usermaps: Mapping[str, UserMap], cache: LookupCache) -> None:
+        self.config = config
+        self.usermaps = dict(usermaps)
+        self.cache = cache
+        self._inflight: dict[tuple[str, str], asyncio.Task[LookupResult]] = {}
+
+    @classmethod
+    def open(cls, config: Config) -> Router:
+        """Build the router and its user maps (FileMapError for a bad file)."""
+        usermaps = {name: open_usermap(cfg) for name, cfg in config.usermaps.items()}
+        return cls(config, usermaps, LookupCache(config.cache))
+
+    async def close(self) -> None:
+        """Close every user map."""
+        for usermap in self.usermaps.values():
+            await usermap.close()
+
+    async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
+        """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.
+
+        PERM only when *usermap* names no configured map.
+        """
+        name = usermap or self.config.default_usermap
+        target = self.usermaps.get(name)
+        if target is None:
+            return perm("unknown user map")
+        try:
+            parsed = parse(address)
+        except AddressError as exc:
+            if address != "*":
+                logger.info("not a routable user, answering not found: %s (%s)", printable(address), exc)
+            return NOTFOUND
+        if self.config.domains is not None and parsed.domain not in self.config.domains:
+            return NOTFOUND
+        for key in search_keys(parsed, self.config.recipient_delimiter, target.catchall):
+            result = await self._lookup(target, key)
+            if result.status is not Status.NOTFOUND:
+                if result.status is Status.TEMP:
+                    logger.warning("temporary failure for %s in %s: %s", printable(address), name, result.reason)
+                return result
+        return NOTFOUND
+
+    async def _lookup(self, target: UserMap, key: str) -> LookupResult:
+        cache_key = (target.name, key)
+        cached = self.cache.get(cache_key)
+        if cached is not None:
+            return cached
+        task = self._inflight.get(cache_key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(target, key, cache_key))
+            self._inflight[cache_key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(cache_key, None))
+        # shield: a client that goes away must not cancel the search that
+        # other clients are waiting for.
+        return await asyncio.shield(task)
+
+    async def _fetch(self, target: UserMap, key: str, cache_key: tuple[str, str]) -> LookupResult:
+        result = await target.lookup(key)
+        if result.status is Status.TEMP:
+            stale = self.cache.get_stale(cache_key)
+            if stale is not None:
+                logger.warning("user map %s failed (%s); serving cached answer for %s",
+                               target.name, result.reason, printable(key))
+                return stale
+            return result
+        self.cache.put(cache_key, result)
+        return result

@@ -1,0 +1,39 @@
+"""User maps: the interface every map implements, and the factory.
+
+A user map answers one *exact* key (``user@domain`` or ``@domain``) with
+FOUND(host), NOTFOUND or TEMP.  The search order, the cache and address
+checks live in :mod:`axpolicy.router`; maps do not know about them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from axpolicy.config import FileMapConfig, UserMapConfig
+from axpolicy.result import LookupResult
+
+
+class UserMap(Protocol):
+    """What the router needs from a user map."""
+
+    name: str
+    catchall: bool  # whether ``@domain`` keys are worth asking
+
+    async def lookup(self, key: str) -> LookupResult:
+        """Answer one exact key: FOUND, NOTFOUND or TEMP."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        ...
+
+
+def open_usermap(cfg: UserMapConfig) -> UserMap:
+    """Build the user map described by *cfg* (FileMapError for a bad file)."""
+    if isinstance(cfg, FileMapConfig):
+        from axpolicy.filemap import FileUserMap
+
+        return FileUserMap(cfg)
+    from axpolicy.ldapmap import LdapUserMap
+
+    return LdapUserMap(cfg)

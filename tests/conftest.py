@@ -1,0 +1,100 @@
+"""Shared fixtures: real slapd instances and configuration builders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from tests.slapd import BIND_DN, BIND_PW, DATA, SUFFIX, Slapd, numbered_users
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+# Users user1..userN (and aliases 1..N) for MTA tests that use smtp-source.
+NUMBERED_USERS = 20
+
+
+def seed_ldif() -> str:
+    return (DATA / "users.ldif").read_text() + "\n" + numbered_users(NUMBERED_USERS)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one coroutine on a fresh event loop (no pytest-asyncio needed)."""
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def slapd_primary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    server = Slapd(tmp_path_factory.mktemp("slapd-primary"), seed_ldif())
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def slapd_secondary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    server = Slapd(tmp_path_factory.mktemp("slapd-secondary"), seed_ldif())
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def slapd(slapd_primary: Slapd) -> Iterator[Slapd]:
+    """The primary directory, healthy again after every test."""
+    yield slapd_primary
+    slapd_primary.restore()
+
+
+@pytest.fixture
+def slapd2(slapd_secondary: Slapd) -> Iterator[Slapd]:
+    """The secondary directory (same data), healthy again after every test."""
+    yield slapd_secondary
+    slapd_secondary.restore()
+
+
+def ldap_map(*servers: Slapd, **overrides: Any) -> dict[str, Any]:
+    """An ldap user map section for *servers*, with test-friendly timings."""
+    section: dict[str, Any] = {
+        "type": "ldap",
+        "servers": [s.url for s in servers],
+        "bind_dn": BIND_DN,
+        "bind_password": BIND_PW,
+        "base": SUFFIX,
+        "scope": "sub",
+        "filter": "(|(mail=%s)(mailAlternateAddress=%s))",
+        "host_attribute": "mailHost",
+        "timeout": 1,
+        "pool_size": 2,
+        "failback_interval": 1,
+    }
+    section.update(overrides)
+    return section
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    """Write a configuration mapping as YAML and return its path."""
+    counter = iter(range(10**6))
+
+    def write(data: dict[str, Any]) -> Path:
+        path = tmp_path / f"axpolicy-{next(counter)}.yml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
+def axpolicy_cli(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the ``axpolicy`` command as a user would, from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "axpolicy", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
