@@ -101,9 +101,14 @@ def _normalize_label(label: str) -> str:
         raise AddressError("empty domain label")
     if not label.isascii():
         try:
-            label = encodings.idna.ToASCII(label).decode("ascii")
+            ascii_label = encodings.idna.ToASCII(label).decode("ascii")
+            # Nameprep silently drops or maps some characters (zero-width
+            # space, ß): a domain that is not what it looks like is refused.
+            if encodings.idna.ToUnicode(ascii_label) != label.lower():
+                raise AddressError("domain changes under IDNA mapping")
         except UnicodeError:
             raise AddressError("invalid internationalised domain") from None
+        label = ascii_label
     label = label.lower()
     if not _LABEL_RE.match(label):
         raise AddressError("invalid domain label")

@@ -32,6 +32,7 @@ from axpolicy.address import AddressError, normalize_domain
 
 DEFAULT_PATH = "/etc/axpolicy/axpolicy.yml"
 MASK = "********"
+DEFAULT_FILTER = "(mail=%s)"
 
 Scope = Literal["base", "one", "sub"]
 
@@ -53,7 +54,7 @@ class LdapMapConfig:
     bind_password: str | None = dataclasses.field(default=None, repr=False)
     bind_password_file: str | None = None
     scope: Scope = "sub"
-    filter: str = "(mail=%s)"
+    filter: str = DEFAULT_FILTER
     host_attribute: str = "mailHost"
     timeout: float = 3.0
     pool_size: int = 4
@@ -207,7 +208,7 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
         if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
             raise _fail(f"{path}.servers[{index}]", f"expected ldap://host[:port] or ldaps://..., got {url!r}")
         try:
-            parts.port
+            _ = parts.port  # raises ValueError for a bad port
         except ValueError:
             raise _fail(f"{path}.servers[{index}]", f"bad port in {url!r}") from None
         if parts.path not in ("", "/") or parts.query:
@@ -249,7 +250,7 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
         fields["scope"] = scope
     if "filter" in raw:
         fields["filter"] = _str(raw["filter"], f"{path}.filter")
-    check_filter(fields.get("filter", LdapMapConfig.filter), f"{path}.filter")
+    check_filter(fields.get("filter", DEFAULT_FILTER), f"{path}.filter")
     if "host_attribute" in raw:
         attr = _str(raw["host_attribute"], f"{path}.host_attribute")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", attr):

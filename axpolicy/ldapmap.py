@@ -36,6 +36,9 @@ DIAGNOSTICS
 SECURITY
     Every value put into the filter goes through ``escape_filter_chars``;
     ldap3's own auto-escaping is turned off so nothing is escaped twice.
+    Keys with control characters are refused before any search: slapd
+    truncates an assertion value at an escaped NUL (``\\00``), so
+    ``alice@example.com<NUL>`` would otherwise match alice.
     The bind password is never logged.
 """
 
@@ -153,6 +156,12 @@ class LdapUserMap:
         if self._pending >= self._cfg.pool_size + self._cfg.queue_size:
             logger.warning("usermap %s: %d lookups pending, refusing more", self.name, self._pending)
             return temp("user map overloaded")
+        if not key.isprintable():
+            # slapd cuts an escaped NUL short and then matches the prefix
+            # ("alice@example.com\\00" finds alice): refuse control
+            # characters here too, not only in the router.
+            logger.info("usermap %s: key with control characters, not found: %s", self.name, _printable(key))
+            return NOTFOUND
         local, _, domain = key.rpartition("@")
         search_filter = expand_filter(self._cfg.filter, local, domain)
         deadline = time.monotonic() + self._cfg.timeout
@@ -162,7 +171,7 @@ class LdapUserMap:
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._cfg.timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             logger.warning("usermap %s: no answer within %gs", self.name, self._cfg.timeout)
             return temp("user map timeout")
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from tests.slapd import BIND_DN, BIND_PW, DATA, SUFFIX, Slapd, numbered_users
+from tests.slapd import BIND_DN, BIND_PW, DATA, PEOPLE, Slapd, numbered_users
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NUMBERED_USERS = 20
 
 
-def seed_ldif() -> str:
-    return (DATA / "users.ldif").read_text() + "\n" + numbered_users(NUMBERED_USERS)
+def seed_ldif(whoami_host: str = "127.0.0.2") -> str:
+    """The test directory; ``whoami@example.com`` tells the instances apart."""
+    whoami = (f"dn: uid=whoami,{PEOPLE}\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\n"
+              f"uid: whoami\ncn: Who Am I\nsn: I\nmail: whoami@example.com\nmailHost: {whoami_host}\n")
+    return "\n".join([(DATA / "users.ldif").read_text(), numbered_users(NUMBERED_USERS), whoami])
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -41,7 +44,7 @@ def slapd_primary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
 
 @pytest.fixture(scope="session")
 def slapd_secondary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    server = Slapd(tmp_path_factory.mktemp("slapd-secondary"), seed_ldif())
+    server = Slapd(tmp_path_factory.mktemp("slapd-secondary"), seed_ldif(whoami_host="127.0.0.3"))
     server.start()
     yield server
     server.destroy()
@@ -56,7 +59,7 @@ def slapd(slapd_primary: Slapd) -> Iterator[Slapd]:
 
 @pytest.fixture
 def slapd2(slapd_secondary: Slapd) -> Iterator[Slapd]:
-    """The secondary directory (same data), healthy again after every test."""
+    """The secondary directory (same data but whoami), healthy again after every test."""
     yield slapd_secondary
     slapd_secondary.restore()
 
@@ -68,7 +71,7 @@ def ldap_map(*servers: Slapd, **overrides: Any) -> dict[str, Any]:
         "servers": [s.url for s in servers],
         "bind_dn": BIND_DN,
         "bind_password": BIND_PW,
-        "base": SUFFIX,
+        "base": PEOPLE,
         "scope": "sub",
         "filter": "(|(mail=%s)(mailAlternateAddress=%s))",
         "host_attribute": "mailHost",

@@ -1,0 +1,146 @@
+"""The file user map: format, lookups in Postfix order, and reload on change."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from axpolicy import config
+from axpolicy.config import FileMapConfig
+from axpolicy.filemap import FileMapError, FileUserMap, parse_table
+from axpolicy.result import Status
+from axpolicy.router import Router
+from tests.conftest import run
+
+MAP = """\
+# comment
+alice@example.com        127.0.0.2
+Bob@EXAMPLE.com          127.0.0.3
+jose@bücher.example      127.0.0.3
+
+/^sales-[a-z]+@example\\.com$/   127.0.0.2
+@example.net             127.0.0.3
+"""
+
+
+def router_for(path: Path, **top: object) -> Router:
+    return Router.open(config.parse({"usermaps": {"local": {"type": "file", "path": str(path)}},
+                                     "recipient_delimiter": "+", **top}, str(path.parent / "c.yml")))
+
+
+@pytest.fixture
+def mapfile(tmp_path: Path) -> Path:
+    path = tmp_path / "usermap"
+    path.write_text(MAP)
+    return path
+
+
+@pytest.mark.parametrize(("address", "host"), [
+    ("alice@example.com", "127.0.0.2"),
+    ("ALICE@Example.Com", "127.0.0.2"),
+    ("alice+news@example.com", "127.0.0.2"),      # extension stripped
+    ("bob@example.com", "127.0.0.3"),             # entry keys are canonicalised too
+    ("jose@xn--bcher-kva.example", "127.0.0.3"),  # A-label query, U-label entry
+    ("sales-east@example.com", "127.0.0.2"),      # regular expression
+    ("anyone@example.net", "127.0.0.3"),          # catch-all
+    ("anyone+x@EXAMPLE.NET", "127.0.0.3"),
+])
+def test_found(mapfile: Path, address: str, host: str) -> None:
+    async def go() -> None:
+        router = router_for(mapfile)
+        result = await router.resolve(address)
+        assert (result.status, result.value) == (Status.FOUND, host)
+    run(go())
+
+
+@pytest.mark.parametrize("address", [
+    "carol@example.com", "sales-1@example.com", "sales-east@example.com.evil", "alice@example.org",
+    "alice%evil.example@example.com", "*", "victim%target.example@example.net",
+])
+def test_not_found(mapfile: Path, address: str) -> None:
+    async def go() -> None:
+        assert (await router_for(mapfile).resolve(address)).status is Status.NOTFOUND
+    run(go())
+
+
+def test_domains_limits_which_addresses_are_looked_up(mapfile: Path) -> None:
+    async def go() -> None:
+        router = router_for(mapfile, domains=["example.com"])
+        assert (await router.resolve("alice@example.com")).status is Status.FOUND
+        assert (await router.resolve("anyone@example.net")).status is Status.NOTFOUND
+    run(go())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("alice@example.com\n", ":1: expected 'address host'"),
+    ("alice@example.com 127.0.0.2 extra\n", ":1: expected"),
+    ("# ok\nalice%x@example.com 127.0.0.2\n", ":2: 'alice%x@example.com'"),
+    ("alice@example.com [127.0.0.2]\n", ":1: '[127.0.0.2]' is not a host name"),
+    ("/unclosed[/ 127.0.0.2\n", ":1: bad regular expression"),
+    ("/x/i 127.0.0.2\n", ":1: regex flags are not supported"),
+    ("a@example.com h1\nA@Example.com h2\n", ":2: duplicate key a@example.com (first on line 1)"),
+    ("@exa mple.com h1\n", ":1: expected"),
+    ("@example.com. h1\n", ":1: '@example.com.'"),
+])
+def test_bad_files_name_file_and_line(text: str, message: str) -> None:
+    with pytest.raises(FileMapError) as info:
+        parse_table(text, "usermap")
+    assert message in str(info.value)
+
+
+def test_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "usermap"
+    path.write_bytes(b"al\xffce@example.com 127.0.0.2\n")
+    with pytest.raises(FileMapError, match="not UTF-8"):
+        FileUserMap(FileMapConfig(name="local", path=str(path)))
+
+
+def test_missing_file_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(FileMapError, match="cannot read"):
+        FileUserMap(FileMapConfig(name="local", path=str(tmp_path / "nope")))
+
+
+def _touch_later(path: Path) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+
+
+def test_reloaded_when_the_file_changes(mapfile: Path) -> None:
+    usermap = FileUserMap(FileMapConfig(name="local", path=str(mapfile)))
+    mapfile.write_text(MAP + "carol@example.com 127.0.0.2\n")
+    _touch_later(mapfile)
+    assert usermap.reload_if_changed() is True
+
+    async def go() -> None:
+        assert (await usermap.lookup("carol@example.com")).value == "127.0.0.2"
+    run(go())
+    assert usermap.reload_if_changed() is False  # unchanged: nothing to do
+
+
+def test_an_invalid_new_file_keeps_the_old_map(mapfile: Path, caplog: pytest.LogCaptureFixture) -> None:
+    usermap = FileUserMap(FileMapConfig(name="local", path=str(mapfile)))
+    mapfile.write_text("this is not a map line at all\n")
+    _touch_later(mapfile)
+    assert usermap.reload_if_changed() is False
+    assert "reload failed, keeping the loaded map" in caplog.text
+
+    async def go() -> None:
+        assert (await usermap.lookup("alice@example.com")).value == "127.0.0.2"
+    run(go())
+    mapfile.unlink()
+    assert usermap.reload_if_changed() is False
+    assert "cannot stat" in caplog.text
+
+
+def test_lookups_notice_a_changed_file_by_themselves(mapfile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("axpolicy.limits.FILEMAP_CHECK_INTERVAL_SECONDS", 0.0)
+
+    async def go() -> None:
+        usermap = FileUserMap(FileMapConfig(name="local", path=str(mapfile)))
+        assert (await usermap.lookup("zoe@example.com")).status is Status.NOTFOUND
+        mapfile.write_text(MAP + "zoe@example.com 127.0.0.3\n")
+        _touch_later(mapfile)
+        assert (await usermap.lookup("zoe@example.com")).value == "127.0.0.3"
+    run(go())
