@@ -50,6 +50,15 @@ def slapd_secondary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]
     server.destroy()
 
 
+@pytest.fixture(scope="session")
+def slapd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """A directory that also listens on ldaps:// with a certificate from a private CA."""
+    server = Slapd(tmp_path_factory.mktemp("slapd-tls"), seed_ldif(), tls=True)
+    server.start()
+    yield server
+    server.destroy()
+
+
 @pytest.fixture
 def slapd(slapd_primary: Slapd) -> Iterator[Slapd]:
     """The primary directory, healthy again after every test."""

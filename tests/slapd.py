@@ -82,19 +82,40 @@ def numbered_users(count: int, domain: str = "example.com") -> str:
     return "\n".join(chunks)
 
 
+def make_certificates(workdir: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1; returns the CA file."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=workdir)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=axpolicy test CA",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key",
+            "-out", "server.csr")
+    (workdir / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+    return workdir / "ca.pem"
+
+
 class Slapd:
     """One private slapd; see the module docstring."""
 
-    def __init__(self, workdir: Path, ldif: str, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.tls_port = free_port() if tls else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._paused = False
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "db").mkdir(exist_ok=True)
         self.conf = workdir / "slapd.conf"
-        self.conf.write_text(_CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
-                                          suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW))
+        conf = _CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
+                            suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW)
+        if tls:
+            self.ca_file = make_certificates(workdir)
+            conf = (f"TLSCACertificateFile {workdir}/ca.pem\nTLSCertificateFile {workdir}/server.pem\n"
+                    f"TLSCertificateKeyFile {workdir}/server.key\n") + conf
+        self.conf.write_text(conf)
         ldif_path = workdir / "seed.ldif"
         ldif_path.write_text(ldif)
         subprocess.run([SLAPADD, "-q", "-f", str(self.conf), "-l", str(ldif_path)], check=True,
@@ -103,6 +124,16 @@ class Slapd:
     @property
     def url(self) -> str:
         return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}"
+
+    def _listen(self) -> str:
+        urls = f"{self.url}/"
+        if self.tls_port is not None:
+            urls += f" {self.ldaps_url}/"
+        return urls
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -116,7 +147,7 @@ class Slapd:
         for _ in range(5):
             log = open(self.workdir / "slapd.log", "ab")
             self.proc = subprocess.Popen(
-                [SLAPD, "-d", "0", "-h", f"{self.url}/", "-f", str(self.conf)],
+                [SLAPD, "-d", "0", "-h", self._listen(), "-f", str(self.conf)],
                 stdout=log, stderr=subprocess.STDOUT, env=self._env())
             log.close()
             if self._wait_ready(deadline_seconds):
@@ -124,6 +155,8 @@ class Slapd:
             self.proc.kill()
             self.proc.wait()
             self.port = free_port()  # probably lost a race for the port
+            if self.tls_port is not None:
+                self.tls_port = free_port()
         raise RuntimeError(f"slapd did not start; see {self.workdir / 'slapd.log'}")
 
     def _wait_ready(self, deadline_seconds: float) -> bool:

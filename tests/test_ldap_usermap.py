@@ -351,3 +351,21 @@ def test_the_ldap_map_escapes_every_key_itself(slapd: Slapd, key: str) -> None:
         finally:
             await router.close()
     assert run(go()).status is Status.NOTFOUND
+
+
+def test_ldaps_with_the_right_ca(slapd_tls: Slapd) -> None:
+    router = make_router(slapd_tls, servers=[slapd_tls.ldaps_url], ca_file=str(slapd_tls.ca_file))
+    assert resolve_one(router, "alice@example.com") == LookupResult(Status.FOUND, "127.0.0.2")
+
+
+def test_start_tls_with_the_right_ca(slapd_tls: Slapd) -> None:
+    router = make_router(slapd_tls, start_tls=True, ca_file=str(slapd_tls.ca_file))
+    assert resolve_one(router, "bob@example.com") == LookupResult(Status.FOUND, "127.0.0.3")
+
+
+def test_an_untrusted_certificate_is_a_temporary_failure(slapd_tls: Slapd) -> None:
+    """Without the private CA the certificate does not verify: never a silent plain-text fallback."""
+    assert resolve_one(make_router(slapd_tls, servers=[slapd_tls.ldaps_url]), "alice@example.com") == \
+        LookupResult(Status.TEMP, reason="user map unavailable")
+    assert resolve_one(make_router(slapd_tls, start_tls=True), "alice@example.com") == \
+        LookupResult(Status.TEMP, reason="user map unavailable")
