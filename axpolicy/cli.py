@@ -1,9 +1,10 @@
-"""Command line: ``axpolicy lookup``, ``axpolicy check-config``.
+"""Command line: ``axpolicy serve``, ``axpolicy lookup``, ``axpolicy check-config``.
 
 EXIT STATUS (sysexits.h)
     0   success (lookup: every address found)
     1   lookup: at least one address not found, none failed
     64  EX_USAGE: bad command line
+    71  EX_OSERR: serve: a listening socket cannot be opened
     75  EX_TEMPFAIL: lookup: a temporary failure (message on stderr)
     78  EX_CONFIG: the configuration is invalid (message names the key)
 """
@@ -27,6 +28,7 @@ from axpolicy.result import Status
 EXIT_OK = 0
 EXIT_NOTFOUND = 1
 EXIT_USAGE = os.EX_USAGE  # 64
+EXIT_OSERR = os.EX_OSERR  # 71
 EXIT_TEMPFAIL = os.EX_TEMPFAIL  # 75
 EXIT_CONFIG = os.EX_CONFIG  # 78
 
@@ -53,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate and print the effective configuration")
     with_config(check)
+
+    serve = commands.add_parser("serve", help="run the listeners named in the configuration")
+    with_config(serve)
     return parser
 
 
@@ -112,11 +117,36 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     return asyncio.run(_lookup_all(config, args.usermap, addresses))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from axpolicy import daemon
+    from axpolicy.filemap import FileMapError
+    from axpolicy.router import Router
+
+    config = _load(args.config)
+    logging.getLogger().setLevel(logging.INFO)
+    if not config.listen:
+        return _fail(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
+    try:
+        router = Router.open(config)
+    except FileMapError as exc:
+        return _fail(EXIT_CONFIG, str(exc))
+    try:
+        bound = daemon.bind_all(config)
+    except OSError as exc:
+        return _fail(EXIT_OSERR, str(exc.strerror or exc))
+    loop = daemon.new_event_loop()
+    try:
+        loop.run_until_complete(daemon.run(config, bound, router))
+    finally:
+        loop.close()
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``axpolicy`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="axpolicy: %(levelname)s: %(message)s", stream=sys.stderr)
-    handlers = {"lookup": _cmd_lookup, "check-config": _cmd_check_config}
+    handlers = {"lookup": _cmd_lookup, "check-config": _cmd_check_config, "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
     except SystemExit as exc:

@@ -90,6 +90,61 @@ class CacheConfig:
     max_entries: int = 100000
 
 
+Protocol = Literal["policy", "socketmap", "tcp_table", "readsocket"]
+PROTOCOLS: tuple[Protocol, ...] = ("policy", "socketmap", "tcp_table", "readsocket")
+
+# Server-side idle timeouts, each longer than the client's own idle limit so
+# that the client, not axpolicy, closes idle connections (a server-side
+# close costs Postfix a retry delay): smtpd_policy_service_max_idle 300s,
+# socketmap idle 10s and TTL 100s; dict_tcp never closes an idle connection
+# and Exim's readsocket opens one connection per request.
+DEFAULT_IDLE_TIMEOUT: dict[str, float] = {"policy": 330.0, "socketmap": 110.0, "tcp_table": 3600.0,
+                                          "readsocket": 10.0}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """One listening socket and the protocol spoken on it."""
+
+    protocol: Protocol
+    address: str                 # as written, for messages
+    family: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mode: int | None = None      # unix only
+    owner: str | None = None     # unix only
+    group: str | None = None     # unix only
+    map: str | None = None       # tcp_table and readsocket default map
+    max_connections: int = 1000
+    idle_timeout: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MapConfig:
+    """A lookup table served over socketmap, tcp_table or readsocket.
+
+    ``type: address`` answers ``result`` with ``%s`` replaced by the host
+    from ``usermap``; ``type: domain`` answers ``result`` for the domains in
+    the top-level ``domains`` list.
+    """
+
+    name: str
+    type: Literal["address", "domain"] = "address"
+    usermap: str = ""
+    result: str = "%s"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Answers of the Postfix policy service at ``protocol_state=RCPT``."""
+
+    usermap: str = ""
+    mapped: str = "OK"
+    unmapped: str = "DUNNO"
+    tempfail: str = "DEFER_IF_PERMIT 4.3.0 User map temporarily unavailable"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
@@ -99,6 +154,9 @@ class Config:
     domains: frozenset[str] | None = None
     recipient_delimiter: str = ""
     cache: CacheConfig = CacheConfig()
+    listen: tuple[ListenConfig, ...] = ()
+    maps: Mapping[str, MapConfig] = dataclasses.field(default_factory=dict)
+    policy: PolicyConfig = PolicyConfig()
 
     @property
     def default_usermap(self) -> str:
@@ -330,7 +388,168 @@ def _delimiter(value: Any) -> str:
     return text
 
 
-_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache"}
+_INET_RE = re.compile(r"inet:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[^:\[\]]+)):(?P<port>[0-9]{1,5})\Z")
+_LISTEN_KEYS = {"protocol", "address", "mode", "owner", "group", "map", "max_connections", "idle_timeout"}
+
+
+def _listen(value: Any, base_dir: str, maps: Mapping[str, MapConfig]) -> tuple[ListenConfig, ...]:
+    if not isinstance(value, list):
+        raise _fail("listen", f"expected a list of listeners, got {_kind(value)}")
+    listeners: list[ListenConfig] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(value):
+        path = f"listen[{index}]"
+        raw = _mapping(item, path)
+        _known(raw, _LISTEN_KEYS, path)
+        protocol = raw.get("protocol")
+        if protocol not in PROTOCOLS:
+            raise _fail(f"{path}.protocol", f"expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if "address" not in raw:
+            raise _fail(f"{path}.address", "required")
+        address = _str(raw["address"], f"{path}.address")
+        fields: dict[str, Any] = {"protocol": protocol, "address": address,
+                                  "idle_timeout": DEFAULT_IDLE_TIMEOUT[protocol]}
+        if address.startswith("unix:"):
+            fields["family"] = "unix"
+            fields["path"] = _path(address[len("unix:"):], f"{path}.address", base_dir)
+            if len(fields["path"].encode()) > 107:
+                raise _fail(f"{path}.address", "unix socket path longer than 107 bytes")
+            if "mode" in raw:
+                mode = raw["mode"]
+                if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
+                    raise _fail(f"{path}.mode", f"expected an octal string such as \"0660\", got {mode!r}")
+                fields["mode"] = int(mode, 8)
+            for key in ("owner", "group"):
+                if key in raw:
+                    fields[key] = _str(raw[key], f"{path}.{key}")
+        elif address.startswith("inet:"):
+            match = _INET_RE.match(address)
+            if not match:
+                raise _fail(f"{path}.address", f"expected inet:HOST:PORT or inet:[IPv6]:PORT, got {address!r}")
+            port = int(match["port"])
+            if not 1 <= port <= 65535:
+                raise _fail(f"{path}.address", f"port out of range in {address!r}")
+            fields.update(family="inet", host=match["v6"] or match["v4"], port=port)
+            for key in ("mode", "owner", "group"):
+                if key in raw:
+                    raise _fail(f"{path}.{key}", "only for unix: addresses")
+        else:
+            raise _fail(f"{path}.address", f"expected inet:HOST:PORT or unix:/path, got {address!r}")
+        if "map" in raw:
+            if protocol not in ("tcp_table", "readsocket"):
+                raise _fail(f"{path}.map", "only for tcp_table and readsocket listeners")
+            name = _str(raw["map"], f"{path}.map")
+            if name not in maps:
+                raise _fail(f"{path}.map", f"no map named {name!r} under maps")
+            fields["map"] = name
+        elif protocol == "tcp_table":
+            raise _fail(f"{path}.map", "required: a tcp_table listener serves exactly one map")
+        if "max_connections" in raw:
+            fields["max_connections"] = _int(raw["max_connections"], f"{path}.max_connections",
+                                             minimum=1, maximum=100000)
+        if "idle_timeout" in raw:
+            fields["idle_timeout"] = _number(raw["idle_timeout"], f"{path}.idle_timeout", minimum=0.1, maximum=86400)
+        where = fields.get("path") or f"{fields['host']}:{fields['port']}"
+        if where in seen:
+            raise _fail(f"{path}.address", f"same address as listen[{seen[where]}]")
+        seen[where] = index
+        listeners.append(ListenConfig(**fields))
+    return tuple(listeners)
+
+
+_RESULT_ESCAPE_RE = re.compile(r"%(.?)", re.DOTALL)
+
+
+def check_template(template: str, path: str, *, host_allowed: bool = True) -> None:
+    """A result or action template: printable text, ``%s`` (host) and ``%%`` only."""
+    if not template.strip():
+        raise _fail(path, "must not be empty (an empty answer means something else to Postfix)")
+    if not template.isprintable():
+        raise _fail(path, "must not contain control characters or line breaks")
+    for match in _RESULT_ESCAPE_RE.finditer(template):
+        if match.group(1) == "%" or (match.group(1) == "s" and host_allowed):
+            continue
+        raise _fail(path, f"unknown escape %{match.group(1)} (use %s for the host, %% for %)")
+
+
+def expand_template(template: str, host: str) -> str:
+    """Replace ``%s`` by *host* and ``%%`` by ``%`` (template already checked)."""
+    return _RESULT_ESCAPE_RE.sub(lambda m: host if m.group(1) == "s" else "%", template)
+
+
+def _maps(value: Any, usermaps: Mapping[str, UserMapConfig], domains: frozenset[str] | None) -> dict[str, MapConfig]:
+    raw_maps = _mapping(value, "maps")
+    maps: dict[str, MapConfig] = {}
+    for name, raw in raw_maps.items():
+        path = f"maps.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise _fail(path, "map names may use letters, digits, '_', '.' and '-'")
+        raw = _mapping(raw, path)
+        _known(raw, {"type", "usermap", "result"}, path)
+        kind = raw.get("type", "address")
+        if kind not in ("address", "domain"):
+            raise _fail(f"{path}.type", f"expected address or domain, got {kind!r}")
+        fields: dict[str, Any] = {"name": name, "type": kind}
+        if kind == "domain":
+            if "usermap" in raw:
+                raise _fail(f"{path}.usermap", "a domain map answers from the top-level domains list")
+            if domains is None:
+                raise _fail(f"{path}.type", "a domain map needs the top-level domains list")
+            fields["result"] = _str(raw.get("result", "OK"), f"{path}.result")
+            check_template(fields["result"], f"{path}.result", host_allowed=False)
+        else:
+            fields["usermap"] = _usermap_name(raw.get("usermap"), usermaps, f"{path}.usermap")
+            fields["result"] = _str(raw.get("result", "%s"), f"{path}.result")
+            check_template(fields["result"], f"{path}.result")
+        maps[name] = MapConfig(**fields)
+    return maps
+
+
+def _usermap_name(value: Any, usermaps: Mapping[str, UserMapConfig], path: str) -> str:
+    if value is None:
+        return next(iter(usermaps))
+    name = _str(value, path)
+    if name not in usermaps:
+        raise _fail(path, f"no user map named {name!r} (configured: {', '.join(usermaps)})")
+    return name
+
+
+# Actions that permit: never an answer for an address we could not map.
+_PERMIT_ACTIONS = {"OK", "RELAY", "PERMIT", "DISCARD"}
+_ACTION_RE = re.compile(r"(?:[A-Za-z_]+(?:\s.*)?|[45][0-9][0-9]\s+\S.*)\Z", re.DOTALL)
+
+
+def _action(value: Any, path: str) -> str:
+    """A policy action: a word, or a 4xx/5xx code followed by text.
+
+    Postfix reads an empty action and a bare number as OK (open relay), so
+    both are refused here.
+    """
+    text = _str(value, path).strip()
+    check_template(text, path)
+    if not _ACTION_RE.match(text):
+        raise _fail(path, f"expected an action word (OK, DUNNO, DEFER_IF_PERMIT text, ...) or a 4xx/5xx "
+                          f"code with text, got {text!r}")
+    return text
+
+
+def _policy(value: Any, usermaps: Mapping[str, UserMapConfig]) -> PolicyConfig:
+    raw = _mapping(value, "policy")
+    _known(raw, {"usermap", "mapped", "unmapped", "tempfail"}, "policy")
+    fields: dict[str, Any] = {"usermap": _usermap_name(raw.get("usermap"), usermaps, "policy.usermap")}
+    for key in ("mapped", "unmapped", "tempfail"):
+        if key in raw:
+            fields[key] = _action(raw[key], f"policy.{key}")
+    for key in ("unmapped", "tempfail"):
+        text = fields.get(key, "")
+        if "%s" in text:
+            raise _fail(f"policy.{key}", "only policy.mapped can use %s: this answer has no host")
+        if text.split(" ", 1)[0].upper() in _PERMIT_ACTIONS:
+            raise _fail(f"policy.{key}", f"{text!r} would let Postfix relay for addresses that are not users")
+    return PolicyConfig(**fields)
+
+
+_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy"}
 
 
 def parse(raw: Any, path: str) -> Config:
@@ -340,12 +559,18 @@ def parse(raw: Any, path: str) -> Config:
     if "usermaps" not in top:
         raise _fail("usermaps", "required")
     base_dir = os.path.dirname(os.path.abspath(path))
+    usermaps = _usermaps(top["usermaps"], base_dir)
+    domains = _domains(top.get("domains"))
+    maps = _maps(top.get("maps", {}), usermaps, domains)
     return Config(
         path=os.path.abspath(path),
-        usermaps=_usermaps(top["usermaps"], base_dir),
-        domains=_domains(top.get("domains")),
+        usermaps=usermaps,
+        domains=domains,
         recipient_delimiter=_delimiter(top.get("recipient_delimiter", "")),
         cache=_cache(top.get("cache", {})),
+        listen=_listen(top.get("listen", []), base_dir, maps),
+        maps=maps,
+        policy=_policy(top.get("policy", {}), usermaps),
     )
 
 
@@ -378,4 +603,22 @@ def effective(config: Config) -> dict[str, Any]:
         "domains": sorted(config.domains) if config.domains is not None else None,
         "recipient_delimiter": config.recipient_delimiter,
         "cache": dataclasses.asdict(config.cache),
+        "listen": [_listener_data(listener) for listener in config.listen],
+        "maps": {name: {k: v for k, v in dataclasses.asdict(m).items() if k != "name" and v != ""}
+                 for name, m in config.maps.items()},
+        "policy": dataclasses.asdict(config.policy),
     }
+
+
+def _listener_data(listener: ListenConfig) -> dict[str, Any]:
+    data: dict[str, Any] = {"protocol": listener.protocol, "address": listener.address}
+    if listener.family == "unix":
+        data["path"] = listener.path
+        if listener.mode is not None:
+            data["mode"] = f"{listener.mode:04o}"
+        data.update({k: getattr(listener, k) for k in ("owner", "group") if getattr(listener, k)})
+    if listener.map:
+        data["map"] = listener.map
+    data["max_connections"] = listener.max_connections
+    data["idle_timeout"] = listener.idle_timeout
+    return data

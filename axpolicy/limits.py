@@ -37,3 +37,31 @@ FILEMAP_CHECK_INTERVAL_SECONDS = 1.0
 
 # Peer-supplied text in log lines is cut to this many characters.
 LOG_TEXT_CHARS = 100
+
+# socketmap request: "<name> <key>"; map names are short.
+SOCKETMAP_MAX_NAME_BYTES = 100
+SOCKETMAP_MAX_REQUEST_BYTES = SOCKETMAP_MAX_NAME_BYTES + 1 + MAX_KEY_BYTES
+
+# tcp_table request line "get <key>": Postfix hex-quotes non-printable
+# bytes, so a key can take up to three times its size on the wire.
+TCP_TABLE_MAX_REQUEST_BYTES = 4 + 3 * MAX_KEY_BYTES + 2
+
+# Policy delegation: Postfix 3.7 sends about 30 attributes; later versions
+# add a few.  smtpd itself applies no limit (attr_scan_plain.c), so these
+# are ours.
+POLICY_MAX_LINE_BYTES = 8192
+POLICY_MAX_ATTRIBUTES = 256
+POLICY_MAX_REQUEST_BYTES = 64 * 1024
+
+# Exim readsocket request: "<map> <key>".
+READSOCKET_MAX_REQUEST_BYTES = SOCKETMAP_MAX_REQUEST_BYTES + 2
+
+# Requests a single connection may have in flight (pipelined) before
+# axpolicy stops reading from it.
+PIPELINE_DEPTH = 16
+
+# How often idle and stalled connections are looked for (seconds, at most).
+SWEEP_INTERVAL_SECONDS = 1.0
+
+# Listen backlog for every socket.
+LISTEN_BACKLOG = 1024

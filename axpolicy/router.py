@@ -25,11 +25,11 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from axpolicy.address import AddressError, parse, search_keys
+from axpolicy.address import AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
-from axpolicy.config import Config
+from axpolicy.config import Config, expand_template
 from axpolicy.log import printable
-from axpolicy.result import NOTFOUND, LookupResult, Status, perm
+from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm
 from axpolicy.usermap import UserMap, open_usermap
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,27 @@ class Router:
         """Close every user map."""
         for usermap in self.usermaps.values():
             await usermap.close()
+
+    async def query(self, map_name: str, key: str) -> LookupResult:
+        """Answer *key* in the configured map *map_name* (``maps:`` in the configuration).
+
+        FOUND with the map's ``result`` (``%s`` = host), NOTFOUND or TEMP;
+        PERM when no such map is configured.
+        """
+        spec = self.config.maps.get(map_name)
+        if spec is None:
+            return perm("unknown map name")
+        if spec.type == "domain":
+            try:
+                domain = normalize_domain(key)
+            except AddressError:
+                return NOTFOUND
+            domains = self.config.domains or frozenset()
+            return found(expand_template(spec.result, "")) if domain in domains else NOTFOUND
+        result = await self.resolve(key, spec.usermap)
+        if result.status is Status.FOUND:
+            return found(expand_template(spec.result, result.value))
+        return result
 
     async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
         """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.

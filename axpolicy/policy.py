@@ -1,0 +1,139 @@
+"""Postfix SMTPD access policy delegation (``check_policy_service``).
+
+PROTOCOL
+    SMTPD_POLICY_README, src/smtpd/smtpd_check.c.  A request is
+    ``name=value`` lines ending with an empty line; the reply is
+    ``action=<text>`` followed by an empty line.  Connections are
+    persistent (one per smtpd process).
+
+    At ``protocol_state=RCPT`` the recipient is looked up:
+
+    ===================  =================================================
+    mapped (found)       ``policy.mapped`` (default ``OK``; ``%s`` = host)
+    unmapped             ``policy.unmapped`` (default ``DUNNO``): Postfix's
+                         own restrictions decide
+    temporary failure    ``policy.tempfail`` (default ``DEFER_IF_PERMIT
+                         4.3.0 User map temporarily unavailable``)
+    ===================  =================================================
+
+    Every other state, and a request without recipient, is ``DUNNO``.
+
+LIMITS
+    ``POLICY_MAX_LINE_BYTES`` per line, ``POLICY_MAX_ATTRIBUTES`` and
+    ``POLICY_MAX_REQUEST_BYTES`` per request.
+
+SECURITY
+    Replies always carry an action word with text: Postfix reads an empty
+    action or a bare number as OK, which in ``smtpd_relay_restrictions``
+    permits relaying.  Addresses with routing tricks are never found, so they
+    never get ``OK``.  Replies end in ``\\n`` only (CRLF hangs the client).
+    A request that breaks the protocol (a line without ``=``, over a limit,
+    a ``request`` other than ``smtpd_access_policy``) is logged and the
+    connection is closed without a reply, as the README asks; Postfix then
+    retries and finally applies ``default_action``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from axpolicy import limits
+from axpolicy.config import PolicyConfig, expand_template
+from axpolicy.log import printable
+from axpolicy.result import Status
+from axpolicy.router import Router
+from axpolicy.wire import FrameError
+
+logger = logging.getLogger(__name__)
+
+Request = dict[str, str]
+
+_DUNNO = b"action=DUNNO\n\n"
+
+
+def action_reply(action: str) -> bytes:
+    """Frame one action; the text was validated at configuration load."""
+    return b"action=" + action.encode("utf-8") + b"\n\n"
+
+
+class _Framer:
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._attributes: Request = {}
+        self._count = 0
+        self._size = 0
+
+    @property
+    def partial(self) -> bool:
+        return bool(self._buffer) or bool(self._count)
+
+    def feed(self, data: bytes) -> list[Request]:
+        self._buffer += data
+        requests: list[Request] = []
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                break
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            request = self._line(line[:-1] if line.endswith(b"\r") else line)
+            if request is not None:
+                requests.append(request)
+        if len(self._buffer) > limits.POLICY_MAX_LINE_BYTES:
+            raise FrameError("policy: line too long")
+        return requests
+
+    def _line(self, line: bytes) -> Request | None:
+        if not line:
+            if not self._count:
+                raise FrameError("policy: empty request")
+            request, self._attributes, self._count, self._size = self._attributes, {}, 0, 0
+            return request
+        if len(line) > limits.POLICY_MAX_LINE_BYTES:
+            raise FrameError("policy: line too long")
+        self._count += 1
+        self._size += len(line) + 1
+        if self._count > limits.POLICY_MAX_ATTRIBUTES or self._size > limits.POLICY_MAX_REQUEST_BYTES:
+            raise FrameError("policy: request too large")
+        name, equals, value = line.partition(b"=")
+        if not equals or not name:
+            raise FrameError(f"policy: not an attribute line: {printable(line)}")
+        # Repeated attributes are allowed (README); the last one wins.
+        self._attributes[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        return None
+
+    def eof(self) -> list[Request]:
+        return []
+
+
+class PolicyService:
+    """Answers policy delegation requests (see module docstring)."""
+
+    protocol = "policy"
+    close_after_reply = False
+
+    def __init__(self, router: Router, policy: PolicyConfig) -> None:
+        self._router = router
+        self._policy = policy
+        self._tempfail = action_reply(policy.tempfail)
+        self._unmapped = action_reply(policy.unmapped)
+
+    def framer(self) -> _Framer:
+        return _Framer()
+
+    async def answer(self, request: Request) -> bytes | None:
+        kind = request.get("request")
+        if kind != "smtpd_access_policy":
+            logger.warning("policy: unsupported request=%s; closing", printable(kind or ""))
+            return None
+        if request.get("protocol_state", "").upper() != "RCPT":
+            return _DUNNO
+        recipient = request.get("recipient", "")
+        if not recipient:
+            return _DUNNO
+        result = await self._router.resolve(recipient, self._policy.usermap)
+        if result.status is Status.FOUND:
+            return action_reply(expand_template(self._policy.mapped, result.value))
+        if result.status is Status.NOTFOUND:
+            return self._unmapped
+        return self._tempfail

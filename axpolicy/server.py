@@ -1,0 +1,328 @@
+"""Listeners: sockets, connections, limits; the same for every protocol.
+
+DESCRIPTION
+    :func:`bind` opens a listening socket for one ``listen`` entry (done
+    before privileges are dropped).  :class:`Listener` serves it: each
+    accepted connection gets a :class:`Connection` (an asyncio Protocol)
+    that feeds received bytes to the protocol's framer, starts one
+    ``answer`` task per request and writes the replies strictly in request
+    order.  A slow lookup on one connection never delays another; on one
+    connection, later requests are answered as soon as the earlier ones are.
+
+LIMITS
+    ``max_connections`` per listener (more are closed at once, with a
+    warning); ``PIPELINE_DEPTH`` requests in flight per connection (then
+    reading pauses); ``idle_timeout`` per listener for connections with
+    nothing in flight, and the same time for a request that is still
+    incomplete (slowloris).  A client that does not read its replies stops
+    being read from (write buffer limits).
+
+DIAGNOSTICS
+    Framing errors and limit hits are logged as warnings with the peer;
+    idle closes at debug level.  An exception while answering is logged
+    with its traceback and closes that one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+from typing import Any, cast
+
+from axpolicy import limits
+from axpolicy.config import ListenConfig
+from axpolicy.wire import FrameError, Service
+
+logger = logging.getLogger(__name__)
+
+
+def bind(spec: ListenConfig) -> socket.socket:
+    """Open the listening socket for *spec* (OSError with a clear message)."""
+    if spec.family == "inet":
+        family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.host, spec.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {spec.address}: {exc.strerror}") from None
+    else:
+        sock = _bind_unix(spec)
+    sock.listen(limits.LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(spec: ListenConfig) -> socket.socket:
+    path = spec.path
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise OSError(17, f"cannot listen on {spec.address}: exists and is not a socket")
+        # A socket file: refuse if somebody still answers on it, else it is
+        # left over from a crash and can go.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise OSError(98, f"cannot listen on {spec.address}: another process is listening")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if spec.mode is not None:
+            os.chmod(path, spec.mode)
+        if spec.owner is not None or spec.group is not None:
+            uid = pwd.getpwnam(spec.owner).pw_uid if spec.owner is not None else -1
+            gid = grp.getgrnam(spec.group).gr_gid if spec.group is not None else -1
+            os.chown(path, uid, gid)
+    except KeyError as exc:
+        sock.close()
+        raise OSError(22, f"cannot listen on {spec.address}: no such user or group {exc}") from None
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {spec.address}: {exc.strerror}") from None
+    return sock
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}"
+    return "unix"
+
+
+class Connection(asyncio.Protocol):
+    """One client connection (see module docstring)."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._service = listener.service
+        self._framer = listener.service.framer()
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._queue: collections.deque[asyncio.Task[bytes | None]] = collections.deque()
+        self._last_activity = self._loop.time()
+        self._partial_since: float | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._eof = False
+        self._final_reply: bytes | None = None
+        self._closing = False
+        self.peer = "?"
+
+    # -- asyncio callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # stream sockets only
+        self.peer = _peer(transport)
+        if not self._listener.admit(self):
+            self._closing = True
+            self._transport.abort()
+            return
+        self._transport.set_write_buffer_limits(high=256 * 1024)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._listener.forget(self)
+        # Our answer tasks only; searches shared with other clients are
+        # shielded in the router and carry on.
+        for task in self._queue:
+            task.cancel()
+        self._queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing or self._eof:
+            return
+        self._last_activity = self._loop.time()
+        try:
+            requests = self._framer.feed(data)
+        except FrameError as exc:
+            self._protocol_error(exc)
+            return
+        for request in requests:
+            self._submit(request)
+        if self._framer.partial:
+            if self._partial_since is None:
+                self._partial_since = self._last_activity
+        else:
+            self._partial_since = None
+        if len(self._queue) >= limits.PIPELINE_DEPTH and not self._reading_paused and self._transport:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    def eof_received(self) -> bool:
+        if self._eof:
+            return True
+        self._eof = True
+        try:
+            requests = self._framer.eof()
+        except FrameError as exc:
+            self._protocol_error(exc)
+            return True
+        for request in requests:
+            self._submit(request)
+        self._flush()
+        # Keep the transport open until every reply is written.
+        return True
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._transport is not None and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._maybe_resume_reading()
+
+    # -- requests and replies ----------------------------------------------
+
+    def _submit(self, request: Any) -> None:
+        task = self._loop.create_task(self._service.answer(request))
+        self._queue.append(task)
+        task.add_done_callback(self._flush)
+
+    def _flush(self, _: object = None) -> None:
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        while self._queue and self._queue[0].done():
+            task = self._queue.popleft()
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is not None:
+                logger.error("%s from %s: error while answering; closing",
+                             self._service.protocol, self.peer, exc_info=error)
+                self.close()
+                return
+            reply = task.result()
+            if reply is None:
+                self.close()
+                return
+            transport.write(reply)
+            self._last_activity = self._loop.time()
+            if self._service.close_after_reply:
+                self.close()
+                return
+        if self._eof and not self._queue:
+            if self._final_reply is not None:
+                transport.write(self._final_reply)
+            self.close()
+            return
+        self._maybe_resume_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (self._reading_paused and not self._writing_paused and not self._eof
+                and len(self._queue) < limits.PIPELINE_DEPTH // 2 and self._transport is not None):
+            self._transport.resume_reading()
+            self._reading_paused = False
+
+    def _protocol_error(self, exc: FrameError) -> None:
+        logger.warning("%s from %s: %s; closing", self._service.protocol, self.peer, exc)
+        self._listener.protocol_errors += 1
+        # Nothing more is read; replies already owed go out first, in
+        # order, then this one, then the connection closes.
+        self._final_reply = exc.reply
+        self._eof = True
+        if self._transport is not None and not self._reading_paused:
+            self._transport.pause_reading()
+            self._reading_paused = True
+        self._flush()
+
+    def close(self) -> None:
+        """Close after whatever has been written (not waiting for pending answers)."""
+        if not self._closing and self._transport is not None:
+            self._closing = True
+            self._transport.close()
+
+    def sweep(self, now: float, idle_timeout: float) -> None:
+        """Close the connection if it has been idle or stalled too long."""
+        if self._closing:
+            return
+        if self._partial_since is not None and now - self._partial_since > idle_timeout:
+            logger.warning("%s from %s: request incomplete after %gs; closing",
+                           self._service.protocol, self.peer, idle_timeout)
+            self._listener.protocol_errors += 1
+            self.close()
+        elif not self._queue and self._partial_since is None and now - self._last_activity > idle_timeout:
+            logger.debug("%s from %s: idle for %gs; closing", self._service.protocol, self.peer, idle_timeout)
+            self.close()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+
+class Listener:
+    """Serves one listening socket with one protocol service."""
+
+    def __init__(self, spec: ListenConfig, service: Service, sock: socket.socket) -> None:
+        self.spec = spec
+        self.service = service
+        self.sock = sock
+        self.connections: set[Connection] = set()
+        self.protocol_errors = 0
+        self.refused = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def admit(self, connection: Connection) -> bool:
+        if len(self.connections) >= self.spec.max_connections:
+            self.refused += 1
+            logger.warning("%s on %s: %d connections, refusing %s", self.spec.protocol, self.spec.address,
+                           len(self.connections), connection.peer)
+            return False
+        self.connections.add(connection)
+        return True
+
+    def forget(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.spec.family == "unix":
+            self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.sock)
+        else:
+            self._server = await loop.create_server(lambda: Connection(self), sock=self.sock)
+        self._sweeper = asyncio.create_task(self._sweep())
+        logger.info("listening on %s (%s)", self.spec.address, self.spec.protocol)
+
+    async def _sweep(self) -> None:
+        interval = min(limits.SWEEP_INTERVAL_SECONDS, self.spec.idle_timeout / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in list(self.connections):
+                connection.sweep(now, self.spec.idle_timeout)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; let requests in flight finish for up to *grace* seconds; close."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(c.busy for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.close()
+        if self.spec.family == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.spec.path)

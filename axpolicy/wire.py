@@ -1,0 +1,56 @@
+"""What every protocol module provides to the server (sans-I/O).
+
+A protocol module is split in two: a *framer*, a pure parser that turns
+received bytes into requests and knows nothing about sockets, and a
+*service*, whose ``answer`` coroutine turns one request into reply bytes by
+asking the router.  :mod:`axpolicy.server` drives both.  The split keeps
+parsers fuzzable without a network and the server the same for every
+protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class FrameError(Exception):
+    """The peer broke the framing.
+
+    ``str(exc)`` is for the log.  ``reply`` (if not None) is written before
+    the connection is closed; the byte stream cannot be trusted after this.
+    """
+
+    def __init__(self, message: str, reply: bytes | None = None) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class Framer(Protocol):
+    """Per-connection parser state."""
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Consume *data*; return the requests completed by it (FrameError on garbage)."""
+        ...
+
+    def eof(self) -> list[Any]:
+        """The peer half-closed: return a request that this completes, if any."""
+        ...
+
+    @property
+    def partial(self) -> bool:
+        """True while part of a request is buffered."""
+        ...
+
+
+class Service(Protocol):
+    """One protocol on one listener."""
+
+    protocol: str
+    close_after_reply: bool
+
+    def framer(self) -> Framer:
+        ...
+
+    async def answer(self, request: Any) -> bytes | None:
+        """Reply bytes for *request*; None closes the connection without a reply."""
+        ...
