@@ -110,3 +110,25 @@ def axpolicy_cli(*args: str, stdin: str | None = None, timeout: float = 60) -> s
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "axpolicy", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def postmap_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A configuration directory for running Postfix's own clients (postmap -c DIR)."""
+    directory = tmp_path_factory.mktemp("postmap")
+    main_cf = directory / "main.cf"
+    main_cf.write_text("compatibility_level = 3.6\n")
+    # Postfix re-reads a main.cf whose mtime is the current second (about 2 s
+    # per command); a backdated file avoids that.
+    past = main_cf.stat().st_mtime - 10
+    os.utime(main_cf, (past, past))
+    return directory
+
+
+def postmap(postmap_dir: Path, table: str, *keys: str) -> subprocess.CompletedProcess[str]:
+    """``postmap -q KEY TABLE`` (one key) or ``postmap -q - TABLE`` (several), Postfix's own client."""
+    if len(keys) == 1:
+        return subprocess.run(["postmap", "-c", str(postmap_dir), "-q", keys[0], table],
+                              capture_output=True, text=True, timeout=60)
+    return subprocess.run(["postmap", "-c", str(postmap_dir), "-q", "-", table], input="".join(k + "\n" for k in keys),
+                          capture_output=True, text=True, timeout=60)

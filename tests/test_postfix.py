@@ -1,0 +1,178 @@
+"""End to end through a real Postfix: the recipes in ``postfix/`` as shipped.
+
+For each recipe a private Postfix runs the recipe's ``main.cf`` with only
+ports and paths substituted, axpolicy runs ``postfix/axpolicy.yml`` pointed at
+the test slapd, and smtp-sink back-ends on 127.0.0.2 and 127.0.0.3 record what
+they receive (127.0.0.4 catches anything routed by Postfix's defaults).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import axpolicy_cli, postmap
+from tests.daemon import Axpolicy
+from tests.postfix import RECIPES, Postfix, Sinks
+from tests.slapd import BIND_PW, Slapd, free_port
+
+
+@dataclasses.dataclass
+class Frontend:
+    recipe: str
+    postfix: Postfix
+    axpolicy: Axpolicy
+    sinks: Sinks
+    workdir: Path
+
+
+def axpolicy_config(workdir: Path, slapd: Slapd, policy_port: int, spool: Path, sink_port: int) -> dict[str, Any]:
+    """postfix/axpolicy.yml with the test's servers, ports and paths."""
+    config = yaml.safe_load((RECIPES / "axpolicy.yml").read_text())
+    secret = workdir / "ldap.secret"
+    secret.write_text(BIND_PW + "\n")
+    people = config["usermaps"]["people"]
+    people["servers"] = [slapd.url]
+    people["bind_password_file"] = str(secret)
+    people["timeout"] = 1
+    # Sinks listen on a test port instead of 25.
+    config["maps"]["transport"]["result"] = f"relay:[%s]:{sink_port}"
+    for listener in config["listen"]:
+        listener["address"] = (listener["address"]
+                               .replace("inet:127.0.0.1:10040", f"inet:127.0.0.1:{policy_port}")
+                               .replace("/var/spool/postfix", str(spool)))
+    # Every lookup asks the directory, so that answers served while it is
+    # down can only come from stale-if-error.
+    config["cache"]["ttl"] = 0
+    config["cache"]["negative_ttl"] = 0
+    return config
+
+
+@pytest.fixture(scope="module", params=["main.cf.recipe-a", "main.cf.recipe-b"], ids=["recipe-a", "recipe-b"])
+def frontend(request: pytest.FixtureRequest, slapd_primary: Slapd,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Frontend]:
+    workdir = tmp_path_factory.mktemp(request.param.replace(".", "-"))
+    sinks = Sinks(workdir / "sinks")
+    policy_port = free_port()
+    postfix = Postfix(workdir / "postfix", request.param,
+                      {"inet:127.0.0.1:10040": f"inet:127.0.0.1:{policy_port}"}
+                      if request.param.endswith("recipe-a") else {},
+                      sink_port=sinks.port)
+    axpolicy = Axpolicy(workdir / "axpolicy",
+                        axpolicy_config(workdir, slapd_primary, policy_port, postfix.spool, sinks.port))
+    axpolicy.start()
+    postfix.start()
+    try:
+        yield Frontend(request.param, postfix, axpolicy, sinks, workdir)
+    finally:
+        postfix.stop()
+        axpolicy.stop()
+        sinks.stop()
+
+
+MAPPED = [
+    ("alice@example.com", "127.0.0.2"),
+    ("Bob+News@Example.COM", "127.0.0.3"),          # extension and upper case
+    ("USER3@EXAMPLE.COM", "127.0.0.2"),
+    ("asmith@example.net", "127.0.0.2"),            # alternate address, second domain
+    ("user4+x@example.com", "127.0.0.3"),
+]
+
+
+def test_mapped_recipients_are_accepted_and_reach_their_back_end(frontend: Frontend) -> None:
+    replies = frontend.postfix.send(*(address for address, _ in MAPPED))
+    assert [code for code, _ in replies] == [250] * len(MAPPED), replies
+    for address, host in MAPPED:
+        frontend.sinks.wait_for(host, address)
+    everything = frontend.sinks.everything()
+    for address, host in MAPPED:
+        for other in Sinks.HOSTS:
+            if other != host:
+                assert address not in everything[other]
+
+
+@pytest.mark.parametrize("recipient", [
+    "victim@elsewhere.example",
+    "victim@ELSEWHERE.EXAMPLE",
+    "victim@elsewhere.example.",
+    "victim@evilexample.com",
+    "victim@example.com.elsewhere.example",
+])
+def test_unmapped_foreign_recipients_get_relay_access_denied(frontend: Frontend, recipient: str) -> None:
+    code, text = frontend.postfix.rcpt(recipient)
+    assert code == 554 and "Relay access denied" in text, (code, text)
+
+
+@pytest.mark.parametrize("recipient", [
+    "alice%elsewhere.example@example.com",
+    "victim%elsewhere.example@example.com",
+    "elsewhere.example!alice@example.com",
+    "elsewhere.example!victim@example.com",
+    '"alice@elsewhere.example"@example.com',
+    '"victim%elsewhere.example"@example.com',
+    "alice@elsewhere.example@example.com",
+    "@example.com:victim@elsewhere.example",
+    "@example.com,@elsewhere.example:victim@elsewhere.example",
+    "victim%elsewhere.example@[127.0.0.1]",
+    "victim@[192.0.2.99]",
+    "victim@[IPv6:2001:db8::99]",
+    "elsewhere.example!victim",
+    "victim%elsewhere.example",
+])
+def test_routing_tricks_are_never_accepted(frontend: Frontend, recipient: str) -> None:
+    code, text = frontend.postfix.rcpt(recipient)
+    assert code >= 400, (recipient, code, text)
+
+
+def test_unmapped_recipient_of_a_hosted_domain(frontend: Frontend) -> None:
+    if frontend.recipe.endswith("recipe-b"):
+        code, text = frontend.postfix.rcpt("nobody@example.com")
+        assert code == 550 and "User unknown in relay recipient table" in text, (code, text)
+    else:
+        # Recipe A leaves unmapped users to Postfix's rules: here they go to
+        # relay_transport (the catch-all sink), never to a user back-end.
+        assert frontend.postfix.send("nobody@example.com") == [(250, "2.1.5 Ok")]
+        frontend.sinks.wait_for("127.0.0.4", "nobody@example.com")
+
+
+def test_directory_down_defers_and_serves_what_it_knew(frontend: Frontend, slapd: Slapd) -> None:
+    # carol is looked up once while the directory is up ...
+    assert frontend.postfix.rcpt("carol@example.net")[0] == 250
+    slapd.stop()
+    # ... so she is still accepted from the stale cache; user17 never was
+    # looked up and must be deferred at RCPT: never 5xx, never accepted.
+    stale = frontend.postfix.send("carol@example.net")
+    assert stale[0][0] == 250, stale
+    code, text = frontend.postfix.rcpt("user17@example.com")
+    assert 400 <= code < 500, (code, text)
+    frontend.sinks.wait_for("127.0.0.3", "carol@example.net")
+    assert "serving cached answer for carol@example.net" in frontend.axpolicy.log
+
+
+def test_axpolicy_down_is_a_4xx_not_a_bounce(frontend: Frontend) -> None:
+    frontend.axpolicy.stop()
+    try:
+        code, text = frontend.postfix.rcpt("alice@example.com")
+        assert 400 <= code < 500, (code, text)
+    finally:
+        frontend.axpolicy.start()
+    assert frontend.postfix.rcpt("alice@example.com")[0] == 250
+
+
+def test_postmap_through_the_recipe_socket_agrees_with_axpolicy_lookup(
+        frontend: Frontend, postmap_dir: Path) -> None:
+    socket_path = frontend.postfix.spool / "private" / "axpolicy"
+    keys = ["alice@example.com", "Bob+News@Example.COM", "nobody@example.com", "asmith@example.net", "*",
+            "alice%elsewhere.example@example.com"]
+    looked_up = axpolicy_cli("lookup", "-c", str(frontend.axpolicy.config_path), *keys)
+    via_postfix = postmap(postmap_dir, f"socketmap:unix:{socket_path}:transport", *keys)
+    expected = {line.split("\t")[0]: line.split("\t")[1] for line in looked_up.stdout.splitlines()}
+    got = {line.split("\t")[0]: line.split("\t")[1] for line in via_postfix.stdout.splitlines()}
+    port = frontend.sinks.port
+    assert got == {k: f"relay:[{v}]:{port}" for k, v in expected.items()}
+    assert set(got) == {"alice@example.com", "Bob+News@Example.COM", "asmith@example.net"}
