@@ -100,6 +100,42 @@ BAD = [
     (config_with(cache={"ttl": -1}), "cache.ttl: must be between"),
     (config_with(cache={"size": 5}), "cache.size: unknown key"),
     (config_with(cache={"max_entries": "many"}), "cache.max_entries: expected a whole number"),
+    (config_with(listen={"protocol": "policy"}), "listen: expected a list"),
+    (config_with(listen=[{"protocol": "smtp", "address": "inet:127.0.0.1:1"}]), "listen[0].protocol: expected one of"),
+    (config_with(listen=[{"protocol": "policy"}]), "listen[0].address: required"),
+    (config_with(listen=[{"protocol": "policy", "address": "127.0.0.1:10040"}]), "listen[0].address: expected inet:"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:127.0.0.1:99999"}]), "listen[0].address: port out"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:::1:10040"}]), "listen[0].address: expected inet:"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:127.0.0.1:1", "mode": "0660"}]),
+     "listen[0].mode: only for unix"),
+    (config_with(listen=[{"protocol": "policy", "address": "unix:/run/a.sock", "mode": 660}]),
+     "listen[0].mode: expected an octal string"),
+    (config_with(listen=[{"protocol": "policy", "address": "unix:/" + "x" * 120}]),
+     "listen[0].address: unix socket path longer"),
+    (config_with(listen=[{"protocol": "tcp_table", "address": "inet:127.0.0.1:1"}]), "listen[0].map: required"),
+    (config_with(listen=[{"protocol": "tcp_table", "address": "inet:127.0.0.1:1", "map": "nope"}]),
+     "listen[0].map: no map named 'nope'"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:127.0.0.1:1", "map": "x"}]),
+     "listen[0].map: only for tcp_table and readsocket"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:127.0.0.1:1"},
+                         {"protocol": "socketmap", "address": "inet:127.0.0.1:1"}]),
+     "listen[1].address: same address as listen[0]"),
+    (config_with(listen=[{"protocol": "policy", "address": "inet:127.0.0.1:1", "max_connections": 0}]),
+     "listen[0].max_connections: must be between"),
+    (config_with(maps={"t": {"usermap": "nope"}}), "maps.t.usermap: no user map named 'nope'"),
+    (config_with(maps={"t": {"result": ""}}), "maps.t.result: must not be empty"),
+    (config_with(maps={"t": {"result": "relay:[%h]"}}), "maps.t.result: unknown escape %h"),
+    (config_with(maps={"t": {"result": "a\nb"}}), "maps.t.result: must not contain control characters"),
+    (config_with(maps={"t": {"type": "hash"}}), "maps.t.type: expected address or domain"),
+    (config_with(maps={"d": {"type": "domain"}}), "maps.d.type: a domain map needs the top-level domains"),
+    (config_with(maps={"t": {"usermap": "people", "color": 1}}), "maps.t.color: unknown key"),
+    (config_with(policy={"mapped": ""}), "policy.mapped: must not be empty"),
+    (config_with(policy={"mapped": "450"}), "policy.mapped: expected an action word"),
+    (config_with(policy={"tempfail": "450"}), "policy.tempfail: expected an action word"),
+    (config_with(policy={"unmapped": "OK"}), "policy.unmapped: 'OK' would let Postfix relay"),
+    (config_with(policy={"tempfail": "relay now"}), "policy.tempfail: 'relay now' would let Postfix relay"),
+    (config_with(policy={"unmapped": "REJECT %s"}), "policy.unmapped: only policy.mapped can use %s"),
+    (config_with(policy={"usermap": "nope"}), "policy.usermap: no user map named 'nope'"),
 ]
 
 
@@ -108,6 +144,25 @@ def test_invalid_configuration_names_the_key(raw: dict[str, Any], message: str) 
     with pytest.raises(ConfigError) as info:
         parse(raw, "/etc/axpolicy/axpolicy.yml")
     assert str(info.value).startswith(message)
+
+
+def test_listeners_maps_and_policy_are_parsed() -> None:
+    config = parse(config_with(
+        domains=["example.com"],
+        listen=[{"protocol": "policy", "address": "inet:127.0.0.1:10040"},
+                {"protocol": "socketmap", "address": "unix:/var/spool/postfix/private/axpolicy", "mode": "0660",
+                 "group": "postfix"},
+                {"protocol": "tcp_table", "address": "inet:[::1]:10042", "map": "transport", "idle_timeout": 5}],
+        maps={"transport": {"usermap": "people", "result": "relay:[%s]"}, "domain": {"type": "domain"}},
+        policy={"mapped": "OK", "tempfail": "450 4.3.0 try later"}), "/etc/axpolicy/axpolicy.yml")
+    policy, socketmap, tcp = config.listen
+    assert (policy.family, policy.host, policy.port, policy.idle_timeout) == ("inet", "127.0.0.1", 10040, 330.0)
+    assert (socketmap.family, socketmap.path, socketmap.mode, socketmap.group) == (
+        "unix", "/var/spool/postfix/private/axpolicy", 0o660, "postfix")
+    assert (tcp.host, tcp.map, tcp.idle_timeout) == ("::1", "transport", 5.0)
+    assert config.maps["domain"].result == "OK"
+    assert config.maps["transport"].usermap == "people"
+    assert config.policy.tempfail == "450 4.3.0 try later"
 
 
 def test_unreadable_and_malformed_files_are_config_errors(tmp_path: Path) -> None:
