@@ -22,7 +22,7 @@ from typing import NoReturn
 import yaml
 
 from axpolicy import __version__
-from axpolicy.config import DEFAULT_PATH, Config, ConfigError, effective, load
+from axpolicy.config import DEFAULT_PATH, Config, ConfigError, effective, load, warnings
 from axpolicy.result import Status
 
 EXIT_OK = 0
@@ -75,6 +75,8 @@ def _fail(code: int, message: str) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    for warning in warnings(config):
+        print(f"axpolicy: warning: {warning}", file=sys.stderr)
     yaml.safe_dump(effective(config), sys.stdout, sort_keys=False, default_flow_style=False)
     return EXIT_OK
 
@@ -126,6 +128,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.INFO)
     if not config.listen:
         return _fail(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
+    for warning in warnings(config):
+        logging.getLogger("axpolicy").warning("%s", warning)
     try:
         router = Router.open(config)
     except FileMapError as exc:

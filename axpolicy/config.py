@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from axpolicy import limits
 from axpolicy.address import AddressError, normalize_domain
 
 DEFAULT_PATH = "/etc/axpolicy/axpolicy.yml"
@@ -586,6 +587,29 @@ def load(path: str) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse(raw, path)
+
+
+def warnings(config: Config) -> list[str]:
+    """Settings that work but probably not as intended; each names the key."""
+    found: list[str] = []
+    readsocket_maps: set[str] = set()
+    for listener in config.listen:
+        if listener.protocol == "readsocket":
+            readsocket_maps.update([listener.map] if listener.map else config.maps)
+        if listener.protocol == "policy" and listener.idle_timeout < limits.POSTFIX_POLICY_MAX_IDLE_SECONDS:
+            found.append(f"listen ({listener.address}).idle_timeout: {listener.idle_timeout:g}s is shorter than "
+                         f"Postfix's smtpd_policy_service_max_idle (300s); each reconnect costs a retry delay")
+    budget = limits.EXIM_READSOCKET_TIMEOUT_SECONDS - limits.EXIM_READSOCKET_MARGIN_SECONDS
+    for name in sorted({config.maps[m].usermap for m in readsocket_maps if config.maps[m].type == "address"}):
+        usermap = config.usermaps[name]
+        if not isinstance(usermap, LdapMapConfig):
+            continue
+        lookups = 1 + bool(config.recipient_delimiter) + usermap.catchall
+        if usermap.timeout * lookups > budget:
+            found.append(f"usermaps.{name}.timeout: {usermap.timeout:g}s x {lookups} lookup(s) per address can "
+                         f"exceed Exim's readsocket timeout of {limits.EXIM_READSOCKET_TIMEOUT_SECONDS:g}s; "
+                         f"keep it under {budget / lookups:g}s or raise AXPOLICY_TIMEOUT in Exim")
+    return found
 
 
 def effective(config: Config) -> dict[str, Any]:

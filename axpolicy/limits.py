@@ -65,3 +65,11 @@ SWEEP_INTERVAL_SECONDS = 1.0
 
 # Listen backlog for every socket.
 LISTEN_BACKLOG = 1024
+
+# Exim's default ${readsocket} timeout (expand.c): an answer must come
+# well before it, or Exim discards it.
+EXIM_READSOCKET_TIMEOUT_SECONDS = 5.0
+EXIM_READSOCKET_MARGIN_SECONDS = 0.5
+
+# Postfix closes idle policy connections after smtpd_policy_service_max_idle.
+POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0

@@ -205,3 +205,39 @@ def test_config_defaults_to_etc_axpolicy(tmp_path: Path) -> None:
 def test_usage_errors_exit_64() -> None:
     assert axpolicy_cli("lookup").returncode == 64
     assert axpolicy_cli("no-such-command").returncode == 64
+
+
+def readsocket_config(timeout: float, delimiter: str = "+") -> dict[str, Any]:
+    return ldap_with(timeout=timeout) | {
+        "recipient_delimiter": delimiter,
+        "listen": [{"protocol": "readsocket", "address": "unix:/run/axpolicy/exim.sock"}],
+        "maps": {"mailhost": {"usermap": "people", "result": "%s"}}}
+
+
+def test_check_config_warns_when_lookups_can_outlast_exims_readsocket_timeout(
+        write_config: Callable[[dict[str, Any]], Path]) -> None:
+    slow = axpolicy_cli("check-config", "-c", str(write_config(readsocket_config(3))))
+    assert slow.returncode == 0
+    assert "warning: usermaps.people.timeout: 3s x 2 lookup(s) per address can exceed Exim's readsocket " \
+           "timeout of 5s" in slow.stderr
+    fine = axpolicy_cli("check-config", "-c", str(write_config(readsocket_config(2))))
+    assert (fine.returncode, fine.stderr) == (0, "")
+    no_delimiter = axpolicy_cli("check-config", "-c", str(write_config(readsocket_config(4, delimiter=""))))
+    assert (no_delimiter.returncode, no_delimiter.stderr) == (0, "")
+
+
+def test_the_shipped_configurations_are_valid_and_quiet(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+    secret = tmp_path / "ldap.secret"
+    secret.write_text("x\n")
+    for shipped in ("postfix/axpolicy.yml", "exim/axpolicy.yml", "examples/axpolicy.yml"):
+        data = yaml.safe_load((ROOT / shipped).read_text())
+        for usermap in data["usermaps"].values():
+            if "bind_password_file" in usermap:
+                usermap["bind_password_file"] = str(secret)
+        path = tmp_path / shipped.replace("/", "-")
+        path.write_text(yaml.safe_dump(data))
+        if shipped.startswith("examples"):
+            (tmp_path / "usermap").write_text((ROOT / "examples" / "usermap").read_text())
+        proc = axpolicy_cli("check-config", "-c", str(path))
+        assert (proc.returncode, proc.stderr) == (0, ""), shipped
