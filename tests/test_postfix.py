@@ -176,3 +176,43 @@ def test_postmap_through_the_recipe_socket_agrees_with_axpolicy_lookup(
     port = frontend.sinks.port
     assert got == {k: f"relay:[{v}]:{port}" for k, v in expected.items()}
     assert set(got) == {"alice@example.com", "Bob+News@Example.COM", "asmith@example.net"}
+
+
+@pytest.fixture(scope="module")
+def policy_only(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Frontend]:
+    """Recipe A's policy service alone (its transport_maps line removed).
+
+    With the transport map in place, a directory failure already shows at
+    address resolution; this proves the policy service's own three answers
+    through smtpd.
+    """
+    workdir = tmp_path_factory.mktemp("recipe-a-policy-only")
+    sinks = Sinks(workdir / "sinks")
+    policy_port = free_port()
+    postfix = Postfix(workdir / "postfix", "main.cf.recipe-a",
+                      {"inet:127.0.0.1:10040": f"inet:127.0.0.1:{policy_port}",
+                       "transport_maps = socketmap:unix:private/axpolicy:transport": ""},
+                      sink_port=sinks.port)
+    axpolicy = Axpolicy(workdir / "axpolicy",
+                        axpolicy_config(workdir, slapd_primary, policy_port, postfix.spool, sinks.port))
+    axpolicy.start()
+    postfix.start()
+    try:
+        yield Frontend("policy-only", postfix, axpolicy, sinks, workdir)
+    finally:
+        postfix.stop()
+        axpolicy.stop()
+        sinks.stop()
+
+
+def test_policy_service_answers_through_smtpd(policy_only: Frontend, slapd: Slapd) -> None:
+    assert policy_only.postfix.rcpt("alice@example.com")[0] == 250                 # OK
+    assert policy_only.postfix.rcpt("victim@elsewhere.example")[0] == 554          # never asked
+    assert policy_only.postfix.rcpt("nobody@example.com")[0] == 250                # DUNNO: Postfix decides
+    code, text = policy_only.postfix.rcpt("twin@example.com")                      # ambiguous: TEMP
+    assert (code, text) == (450, "4.3.0 <twin@example.com>: Recipient address rejected: "
+                                 "User map temporarily unavailable")
+    slapd.stop()
+    code, text = policy_only.postfix.rcpt("user19@example.com")
+    assert (code, text) == (450, "4.3.0 <user19@example.com>: Recipient address rejected: "
+                                 "User map temporarily unavailable")
