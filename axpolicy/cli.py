@@ -4,9 +4,11 @@ EXIT STATUS (sysexits.h)
     0   success (lookup: every address found)
     1   lookup: at least one address not found, none failed
     64  EX_USAGE: bad command line
-    71  EX_OSERR: serve: a listening socket cannot be opened
+    71  EX_OSERR: serve: a socket cannot be bound, the pidfile is held by
+        another instance, or privileges cannot be dropped
     75  EX_TEMPFAIL: lookup: a temporary failure (message on stderr)
-    78  EX_CONFIG: the configuration is invalid (message names the key)
+    78  EX_CONFIG: the configuration is invalid (message names the key), or
+        serve was started as root without a user to drop to
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import NoReturn
 import yaml
 
 from axpolicy import __version__
-from axpolicy.config import DEFAULT_PATH, Config, ConfigError, effective, load, warnings
+from axpolicy.config import DEFAULT_PATH, Config, ConfigError, digest, effective, load, warnings
 from axpolicy.result import Status
 
 EXIT_OK = 0
@@ -55,9 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate and print the effective configuration")
     with_config(check)
+    check.add_argument("--digest", action="store_true",
+                       help="print only the digest of the effective configuration (secrets included)")
 
     serve = commands.add_parser("serve", help="run the listeners named in the configuration")
     with_config(serve)
+    serve.add_argument("--daemon", action="store_true", help="detach from the terminal (default: foreground)")
+    serve.add_argument("--pidfile", metavar="PATH", help="pidfile, overriding the configuration's pidfile")
     return parser
 
 
@@ -77,6 +83,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for warning in warnings(config):
         print(f"axpolicy: warning: {warning}", file=sys.stderr)
+    if args.digest:
+        print(digest(config))
+        return EXIT_OK
     yaml.safe_dump(effective(config), sys.stdout, sort_keys=False, default_flow_style=False)
     return EXIT_OK
 
@@ -121,29 +130,8 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from axpolicy import daemon
-    from axpolicy.filemap import FileMapError
-    from axpolicy.router import Router
 
-    config = _load(args.config)
-    logging.getLogger().setLevel(logging.INFO)
-    if not config.listen:
-        return _fail(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
-    for warning in warnings(config):
-        logging.getLogger("axpolicy").warning("%s", warning)
-    try:
-        router = Router.open(config)
-    except FileMapError as exc:
-        return _fail(EXIT_CONFIG, str(exc))
-    try:
-        bound = daemon.bind_all(config)
-    except OSError as exc:
-        return _fail(EXIT_OSERR, str(exc.strerror or exc))
-    loop = daemon.new_event_loop()
-    try:
-        loop.run_until_complete(daemon.run(config, bound, router))
-    finally:
-        loop.close()
-    return EXIT_OK
+    return daemon.serve(args.config, daemonize=args.daemon, pidfile_path=args.pidfile)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,11 @@ SECURITY
 from __future__ import annotations
 
 import dataclasses
+import grp
+import hashlib
+import json
 import os
+import pwd
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -147,6 +151,24 @@ class PolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Where log lines go: syslog (facility mail, ident axpolicy) or stderr."""
+
+    target: Literal["syslog", "stderr"] = "stderr"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    syslog_socket: str = "/dev/log"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus and health endpoint; off when ``listen`` is None."""
+
+    listen: str | None = None
+    host: str = ""
+    port: int = 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -158,6 +180,11 @@ class Config:
     listen: tuple[ListenConfig, ...] = ()
     maps: Mapping[str, MapConfig] = dataclasses.field(default_factory=dict)
     policy: PolicyConfig = PolicyConfig()
+    user: str | None = None
+    group: str | None = None
+    pidfile: str | None = None
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def default_usermap(self) -> str:
@@ -550,7 +577,54 @@ def _policy(value: Any, usermaps: Mapping[str, UserMapConfig]) -> PolicyConfig:
     return PolicyConfig(**fields)
 
 
-_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy"}
+def _account(value: Any, path: str, kind: Literal["user", "group"]) -> str | None:
+    if value is None:
+        return None
+    name = _str(value, path)
+    try:
+        if kind == "user":
+            pwd.getpwnam(name)
+        else:
+            grp.getgrnam(name)
+    except KeyError:
+        raise _fail(path, f"no such {kind} on this system: {name!r}") from None
+    return name
+
+
+def _log(value: Any, base_dir: str) -> LogConfig:
+    raw = _mapping(value, "log")
+    _known(raw, {"target", "level", "syslog_socket"}, "log")
+    fields: dict[str, Any] = {}
+    if "target" in raw:
+        if raw["target"] not in ("syslog", "stderr"):
+            raise _fail("log.target", f"expected syslog or stderr, got {raw['target']!r}")
+        fields["target"] = raw["target"]
+    if "level" in raw:
+        if raw["level"] not in ("debug", "info", "warning", "error"):
+            raise _fail("log.level", f"expected debug, info, warning or error, got {raw['level']!r}")
+        fields["level"] = raw["level"]
+    if "syslog_socket" in raw:
+        fields["syslog_socket"] = _path(raw["syslog_socket"], "log.syslog_socket", base_dir)
+    return LogConfig(**fields)
+
+
+_HOSTPORT_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[^:\[\]]+)):(?P<port>[0-9]{1,5})\Z")
+
+
+def _metrics(value: Any) -> MetricsConfig:
+    raw = _mapping(value, "metrics")
+    _known(raw, {"listen"}, "metrics")
+    if raw.get("listen") is None:
+        return MetricsConfig()
+    text = _str(raw["listen"], "metrics.listen")
+    match = _HOSTPORT_RE.match(text)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise _fail("metrics.listen", f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
+    return MetricsConfig(listen=text, host=match["v6"] or match["v4"], port=int(match["port"]))
+
+
+_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy",
+             "user", "group", "pidfile", "log", "metrics"}
 
 
 def parse(raw: Any, path: str) -> Config:
@@ -572,6 +646,11 @@ def parse(raw: Any, path: str) -> Config:
         listen=_listen(top.get("listen", []), base_dir, maps),
         maps=maps,
         policy=_policy(top.get("policy", {}), usermaps),
+        user=_account(top.get("user"), "user", "user"),
+        group=_account(top.get("group"), "group", "group"),
+        pidfile=_path(top["pidfile"], "pidfile", base_dir) if top.get("pidfile") is not None else None,
+        log=_log(top.get("log", {}), base_dir),
+        metrics=_metrics(top.get("metrics", {})),
     )
 
 
@@ -612,14 +691,24 @@ def warnings(config: Config) -> list[str]:
     return found
 
 
-def effective(config: Config) -> dict[str, Any]:
+def digest(config: Config) -> str:
+    """SHA-256 of the effective configuration, secrets included (never printed).
+
+    Two front-ends with the same digest answer every lookup the same way
+    (given the same directory and user-map files).
+    """
+    canonical = json.dumps(effective(config, mask_secrets=False), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def effective(config: Config, mask_secrets: bool = True) -> dict[str, Any]:
     """The configuration as plain data with defaults filled in, secrets masked."""
     maps: dict[str, Any] = {}
     for name, usermap in config.usermaps.items():
         data = {f.name: getattr(usermap, f.name) for f in dataclasses.fields(usermap) if f.name != "name"}
         if isinstance(usermap, LdapMapConfig):
             data["servers"] = list(usermap.servers)
-            if usermap.bind_password is not None:
+            if usermap.bind_password is not None and mask_secrets:
                 data["bind_password"] = MASK
         maps[name] = data
     return {
@@ -631,6 +720,11 @@ def effective(config: Config) -> dict[str, Any]:
         "maps": {name: {k: v for k, v in dataclasses.asdict(m).items() if k != "name" and v != ""}
                  for name, m in config.maps.items()},
         "policy": dataclasses.asdict(config.policy),
+        "user": config.user,
+        "group": config.group,
+        "pidfile": config.pidfile,
+        "log": dataclasses.asdict(config.log),
+        "metrics": {"listen": config.metrics.listen},
     }
 
 

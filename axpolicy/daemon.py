@@ -1,27 +1,64 @@
-"""``axpolicy serve``: bind, run the listeners, stop cleanly.
+"""``axpolicy serve``: start-up, privileges, reload, shutdown.
 
 DESCRIPTION
-    Start-up order: the configuration is validated, the user maps are
-    opened (a file map is read, LDAP secrets were read with the
-    configuration), every listening socket is bound, and only then does the
-    event loop start answering.  SIGTERM and SIGINT stop accepting, let
-    requests in flight finish for ``SHUTDOWN_GRACE_SECONDS``, remove unix
-    sockets and exit 0.
+    Start-up order, each step before the next:
+
+    1. load and validate the configuration (the bind password file is read
+       here, while still root);
+    2. open the user maps (a file map is read);
+    3. take the pidfile lock (a second instance stops here);
+    4. bind every listener and the metrics socket (ports below 1024 and
+       sockets under /var/spool/postfix may need root);
+    5. with ``--daemon``, detach (python-daemon's DaemonContext: fork,
+       setsid, umask 022, working directory /, the sockets and the pidfile
+       preserved) and write the daemon's pid;
+    6. drop to ``user``/``group``;
+    7. start the event loop and answer.
+
+    Started as root, axpolicy refuses to keep running as root unless the
+    configuration says ``user: root``.
+
+SIGNALS
+    SIGHUP   reload the configuration: a valid file is applied without
+             dropping established connections or requests in flight
+             (listeners added, removed or updated; user maps with an
+             unchanged configuration keep their connections; the cache is
+             kept unless user maps, domains, delimiter or cache settings
+             changed); an invalid one is logged and the running
+             configuration stays.  ``user``, ``group``, ``pidfile`` and
+             ``metrics`` take effect at the next restart.
+    SIGTERM  stop accepting, let requests in flight finish for up to
+    SIGINT   SHUTDOWN_GRACE_SECONDS, remove unix sockets and the pidfile,
+             exit 0.  A second signal ends the wait at once.
 
 DIAGNOSTICS
-    Exit 78 (EX_CONFIG) for a bad configuration or user-map file, 71
-    (EX_OSERR) when a socket cannot be bound.
+    Exit status 0 after a clean stop; 78 (EX_CONFIG) for a bad
+    configuration, a bad user-map file or a refused root start; 71
+    (EX_OSERR) when a socket cannot be bound, the pidfile is locked by
+    another instance or privileges cannot be dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import logging
+import os
+import pwd
 import signal
 import socket
+import sys
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-from axpolicy.config import Config, ListenConfig
+from axpolicy import log
+from axpolicy.config import Config, ConfigError, ListenConfig, digest, load, warnings
+from axpolicy.filemap import FileMapError
+from axpolicy.pidfile import PidFile
 from axpolicy.policy import PolicyService
+from axpolicy.readsocket import ReadsocketService
 from axpolicy.router import Router
 from axpolicy.server import Listener, bind
 from axpolicy.socketmap import SocketmapService
@@ -31,6 +68,20 @@ from axpolicy.wire import Service
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+# How long an old router stays open after a reload for requests in flight.
+RELOAD_GRACE_SECONDS = 30.0
+
+EXIT_OK = 0
+EXIT_OSERR = os.EX_OSERR
+EXIT_CONFIG = os.EX_CONFIG
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; ``code`` is the exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def make_service(spec: ListenConfig, router: Router, config: Config) -> Service:
@@ -40,10 +91,9 @@ def make_service(spec: ListenConfig, router: Router, config: Config) -> Service:
     if spec.protocol == "socketmap":
         return SocketmapService(router)
     if spec.protocol == "tcp_table":
-        assert spec.map is not None  # guaranteed by config validation
+        if spec.map is None:
+            raise ConfigError("tcp_table listener without map")  # prevented by config validation
         return TcpTableService(router, spec.map)
-    from axpolicy.readsocket import ReadsocketService
-
     return ReadsocketService(router, spec.map)
 
 
@@ -60,21 +110,24 @@ def bind_all(config: Config) -> list[tuple[ListenConfig, socket.socket]]:
     return bound
 
 
-async def run(config: Config, bound: list[tuple[ListenConfig, socket.socket]], router: Router) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    listeners = [Listener(spec, make_service(spec, router, config), sock) for spec, sock in bound]
-    for listener in listeners:
-        await listener.start()
-    logger.info("axpolicy ready: %d listener(s)", len(listeners))
-    await stop.wait()
-    logger.info("stopping: finishing requests in flight")
-    await asyncio.gather(*(listener.stop(SHUTDOWN_GRACE_SECONDS) for listener in listeners))
-    await router.close()
-    logger.info("stopped")
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """Become *user* (and *group*, else the user's primary group) for good."""
+    if user is None:
+        return
+    account = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group is not None else account.pw_gid
+    if os.geteuid() != 0:
+        # Only root can switch users; anyone else already runs unprivileged.
+        if os.geteuid() != account.pw_uid:
+            logger.warning("user: %s ignored: not started as root, running as uid %d", user, os.geteuid())
+        return
+    os.initgroups(user, gid)
+    os.setgid(gid)
+    os.setuid(account.pw_uid)
+    if account.pw_uid != 0:
+        with contextlib.suppress(PermissionError):
+            os.setuid(0)
+            raise PermissionError(1, "privileges could be regained after dropping them")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -84,3 +137,228 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _address_key(spec: ListenConfig) -> str:
+    return spec.path if spec.family == "unix" else f"{spec.host}:{spec.port}"
+
+
+@dataclass
+class _Prepared:
+    config: Config
+    router: Router
+    bound: list[tuple[ListenConfig, socket.socket]]
+    metrics_sock: socket.socket | None
+    pidfile: PidFile | None
+
+
+class Daemon:
+    """The running server: listeners, router, metrics, signals."""
+
+    def __init__(self, config_path: str, prepared: _Prepared) -> None:
+        self.config_path = config_path
+        self.config = prepared.config
+        self.router = prepared.router
+        self.digest = digest(prepared.config)
+        self.listeners = [Listener(spec, make_service(spec, prepared.router, prepared.config), sock)
+                          for spec, sock in prepared.bound]
+        self._metrics_sock = prepared.metrics_sock
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._reloading = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def state(self) -> tuple[Router, list[Listener], str]:
+        return self.router, self.listeners, self.digest
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, reloading on SIGHUP."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        for listener in self.listeners:
+            await listener.start()
+        metrics = None
+        if self._metrics_sock is not None:
+            from axpolicy.metrics import MetricsServer
+
+            metrics = MetricsServer(self.state)
+            await metrics.start(self._metrics_sock)
+        logger.info("axpolicy ready: %d listener(s), configuration %s, digest %s", len(self.listeners),
+                    self.config_path, self.digest[:12])
+        await self._stop.wait()
+        logger.info("stopping: finishing requests in flight (up to %gs)", SHUTDOWN_GRACE_SECONDS)
+        await asyncio.gather(*(listener.stop(SHUTDOWN_GRACE_SECONDS, self._force) for listener in self.listeners))
+        if metrics is not None:
+            await metrics.stop()
+        for task in list(self._background):
+            task.cancel()
+        await self.router.close()
+        logger.info("stopped")
+
+    def _on_stop(self, signum: int) -> None:
+        if self._stop.is_set():
+            logger.warning("%s again: stopping now", signal.Signals(signum).name)
+            self._force.set()
+        self._stop.set()
+
+    def _on_reload(self) -> None:
+        if self._reloading or self._stop.is_set():
+            logger.warning("SIGHUP ignored: a reload or shutdown is in progress")
+            return
+        self._spawn(self.reload())
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload(self) -> bool:
+        """Apply the configuration file again; False (and logged) when it is invalid."""
+        self._reloading = True
+        try:
+            return await self._reload()
+        finally:
+            self._reloading = False
+
+    async def _reload(self) -> bool:
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            logger.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        for key in ("user", "group", "pidfile", "metrics"):
+            if getattr(new, key) != getattr(self.config, key):
+                logger.warning("reload: %s changed; it takes effect at the next restart", key)
+        try:
+            router = Router.open(new, previous=self.router)
+        except FileMapError as exc:
+            logger.error("reload failed, keeping the running configuration: %s", exc)
+            return False
+        if new.log != self.config.log:
+            log.configure(new.log, stderr_ok=sys.stderr is not None and not sys.stderr.closed)
+        for warning in warnings(new):
+            logger.warning("%s", warning)
+        old_listeners = {_address_key(listener.spec): listener for listener in self.listeners}
+        listeners: list[Listener] = []
+        for spec in new.listen:
+            old = old_listeners.pop(_address_key(spec), None)
+            if old is not None and old.spec.protocol == spec.protocol:
+                old.update(spec, make_service(spec, router, new))
+                listeners.append(old)
+                continue
+            if old is not None:
+                await old.stop(0)   # the address changes protocol: free it first
+            try:
+                sock = bind(spec)
+            except OSError as exc:
+                logger.error("reload: %s (a restart may be needed for privileged addresses)", exc.strerror or exc)
+                continue
+            listener = Listener(spec, make_service(spec, router, new), sock)
+            await listener.start()
+            listeners.append(listener)
+        for removed in old_listeners.values():
+            self._spawn(removed.stop(SHUTDOWN_GRACE_SECONDS, self._force))
+        previous = self.router
+        self.listeners, self.router, self.config, self.digest = listeners, router, new, digest(new)
+        self._spawn(self._retire(previous, router))
+        logger.info("reloaded %s: %d listener(s), digest %s, cache %s", self.config_path, len(listeners),
+                    self.digest[:12], "kept" if router.cache is previous.cache else "emptied")
+        return True
+
+    async def _retire(self, old: Router, new: Router) -> None:
+        await asyncio.sleep(RELOAD_GRACE_SECONDS)
+        await old.close(keep=new)
+
+
+def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        raise StartupError(EXIT_CONFIG, str(exc)) from None
+    log.configure(config.log)
+    for warning in warnings(config):
+        logger.warning("%s", warning)
+    if not config.listen:
+        raise StartupError(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
+    if os.geteuid() == 0 and config.user is None:
+        raise StartupError(EXIT_CONFIG, "user: required when axpolicy is started as root (it drops to this "
+                                        "user after binding; write user: root to run as root on purpose)")
+    if config.user == "root":
+        logger.warning("user: root: axpolicy will answer as root")
+    if config.metrics.listen is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise StartupError(EXIT_CONFIG, "metrics.listen: prometheus-client is not installed "
+                                            "(pip install 'axpolicy[metrics]')") from None
+    try:
+        router = Router.open(config)
+    except FileMapError as exc:
+        raise StartupError(EXIT_CONFIG, str(exc)) from None
+    pidfile = None
+    path = pidfile_path or config.pidfile
+    if path is not None:
+        pidfile = PidFile(path)
+        try:
+            pidfile.acquire()
+        except OSError as exc:
+            raise StartupError(EXIT_OSERR, f"pidfile {path}: {exc.strerror or exc}") from None
+    try:
+        bound = bind_all(config)
+        metrics_sock = None
+        if config.metrics.listen is not None:
+            from axpolicy.metrics import bind as bind_metrics
+
+            metrics_sock = bind_metrics(config.metrics.host, config.metrics.port)
+    except OSError as exc:
+        if pidfile is not None:
+            pidfile.release()
+        raise StartupError(EXIT_OSERR, str(exc.strerror or exc)) from None
+    return _Prepared(config, router, bound, metrics_sock, pidfile)
+
+
+def serve(config_path: str, *, daemonize: bool = False, pidfile_path: str | None = None) -> int:
+    """Run ``axpolicy serve``; returns the exit status."""
+    try:
+        prepared = _prepare(config_path, pidfile_path)
+    except StartupError as exc:
+        print(f"axpolicy: {exc}", file=sys.stderr)
+        return exc.code
+    pidfile = prepared.pidfile
+    if daemonize:
+        import daemon as python_daemon
+
+        keep = [sock.fileno() for _, sock in prepared.bound]
+        if prepared.metrics_sock is not None:
+            keep.append(prepared.metrics_sock.fileno())
+        if pidfile is not None and pidfile.fd is not None:
+            keep.append(pidfile.fd)
+        context = python_daemon.DaemonContext(working_directory="/", umask=0o022, detach_process=True,
+                                              files_preserve=keep, prevent_core=True, signal_map={})
+        context.open()
+        log.configure(prepared.config.log, stderr_ok=False)
+    try:
+        if pidfile is not None:
+            pidfile.write(os.getpid())
+        try:
+            drop_privileges(prepared.config.user, prepared.config.group)
+        except (OSError, KeyError) as exc:
+            logger.critical("cannot drop privileges: %s", exc)
+            return EXIT_OSERR
+        loop = new_event_loop()
+        try:
+            server = loop.run_until_complete(_make_daemon(config_path, prepared))
+            loop.run_until_complete(server.run())
+        finally:
+            loop.close()
+    finally:
+        if pidfile is not None:
+            pidfile.release()
+    return EXIT_OK
+
+
+async def _make_daemon(config_path: str, prepared: _Prepared) -> Daemon:
+    # Created inside the running loop: the daemon's events belong to it.
+    return Daemon(config_path, prepared)

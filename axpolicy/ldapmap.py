@@ -148,12 +148,18 @@ class LdapUserMap:
             max_workers=cfg.pool_size, thread_name_prefix=f"ldap-{cfg.name}")
         self._pending = 0
         self._closed = False
+        # Read by the metrics endpoint; written under self._lock.
+        self.searches: dict[str, int] = {url: 0 for url in cfg.servers}
+        self.errors: dict[str, int] = {url: 0 for url in cfg.servers}
+        self.failovers: dict[str, int] = {url: 0 for url in cfg.servers}  # times marked down
+        self.overloaded = 0
 
     async def lookup(self, key: str) -> LookupResult:
         """Search for one exact key; FOUND, NOTFOUND or TEMP (never a guess)."""
         if self._closed:
             return temp("user map closed")
         if self._pending >= self._cfg.pool_size + self._cfg.queue_size:
+            self.overloaded += 1
             logger.warning("usermap %s: %d lookups pending, refusing more", self.name, self._pending)
             return temp("user map overloaded")
         if not key.isprintable():
@@ -216,6 +222,8 @@ class LdapUserMap:
     def _mark_down(self, server: _Server, why: str) -> None:
         with self._lock:
             server.down_until = time.monotonic() + self._cfg.failback_interval
+            self.errors[server.url] += 1
+            self.failovers[server.url] += 1
         logger.warning("usermap %s: server %s failed (%s), failing over", self.name, server.url, why)
 
     def _search_with_failover(self, slot: _Slot, search_filter: str) -> LookupResult:
@@ -263,6 +271,8 @@ class LdapUserMap:
             if slot.conn is None:
                 slot.conn, slot.server = self._connect(server), server
             started = time.monotonic()
+            with self._lock:
+                self.searches[server.url] += 1
             try:
                 return self._run_search(slot.conn, search_filter)
             except ldap_errors.LDAPCommunicationError as exc:
@@ -277,6 +287,8 @@ class LdapUserMap:
                 # The server answered with an error result: it is up, but
                 # cannot answer this.  Drop the connection and say TEMP.
                 slot.drop()
+                with self._lock:
+                    self.errors[server.url] += 1
                 logger.warning("usermap %s: search failed on %s: %s", self.name, server.url, _describe(exc))
                 return temp("user map search failed")
             except ldap_errors.LDAPException as exc:

@@ -36,12 +36,14 @@ SECURITY
 from __future__ import annotations
 
 import logging
+import time
 
 from axpolicy import limits
 from axpolicy.config import PolicyConfig, expand_template
 from axpolicy.log import printable
 from axpolicy.result import Status
 from axpolicy.router import Router
+from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,11 @@ class PolicyService:
         recipient = request.get("recipient", "")
         if not recipient:
             return _DUNNO
+        started = time.perf_counter()
         result = await self._router.resolve(recipient, self._policy.usermap)
+        STATS.record("policy", "policy", OUTCOME[result.status], time.perf_counter() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("policy RCPT %s: %s", printable(recipient), result.status.value)
         if result.status is Status.FOUND:
             return action_reply(expand_template(self._policy.mapped, result.value))
         if result.status is Status.NOTFOUND:

@@ -28,11 +28,13 @@ LIMITS
 from __future__ import annotations
 
 import logging
+import time
 
 from axpolicy import limits
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
+from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class ReadsocketService:
         return _Framer()
 
     async def answer(self, request: bytes) -> bytes:
+        started = time.perf_counter()
         name, space, key = request.partition(b" ")
         if not space:
             if self._default_map is None or not request:
@@ -109,4 +112,8 @@ class ReadsocketService:
         result = await self._router.query(map_name, text)
         if result.status is Status.PERM:
             logger.warning("readsocket: %s: %s", result.reason, printable(map_name))
+        STATS.record("readsocket", map_name if result.status is not Status.PERM else "", OUTCOME[result.status],
+                     time.perf_counter() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("readsocket %s %s: %s", map_name, printable(text), result.status.value)
         return reply_body(result)

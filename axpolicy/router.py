@@ -35,6 +35,11 @@ from axpolicy.usermap import UserMap, open_usermap
 logger = logging.getLogger(__name__)
 
 
+def _same_answers(old: Config, new: Config) -> bool:
+    return (old.usermaps == new.usermaps and old.domains == new.domains
+            and old.recipient_delimiter == new.recipient_delimiter and old.cache == new.cache)
+
+
 class Router:
     """Resolve addresses through named user maps with a shared cache."""
 
@@ -45,15 +50,32 @@ class Router:
         self._inflight: dict[tuple[str, str], asyncio.Task[LookupResult]] = {}
 
     @classmethod
-    def open(cls, config: Config) -> Router:
-        """Build the router and its user maps (FileMapError for a bad file)."""
-        usermaps = {name: open_usermap(cfg) for name, cfg in config.usermaps.items()}
-        return cls(config, usermaps, LookupCache(config.cache))
+    def open(cls, config: Config, previous: Router | None = None) -> Router:
+        """Build the router and its user maps (FileMapError for a bad file).
 
-    async def close(self) -> None:
-        """Close every user map."""
+        On reload, *previous* lends what has not changed: a user map whose
+        configuration is identical keeps its connections and failover
+        state, and the cache is kept when nothing that decides an answer
+        changed (user maps, domains, delimiter, cache settings).
+        """
+        usermaps: dict[str, UserMap] = {}
+        for name, cfg in config.usermaps.items():
+            if previous is not None and previous.config.usermaps.get(name) == cfg and name in previous.usermaps:
+                usermaps[name] = previous.usermaps[name]
+            else:
+                usermaps[name] = open_usermap(cfg)
+        if previous is not None and _same_answers(previous.config, config):
+            cache = previous.cache
+        else:
+            cache = LookupCache(config.cache)
+        return cls(config, usermaps, cache)
+
+    async def close(self, keep: Router | None = None) -> None:
+        """Close every user map that *keep* (the router replacing this one) does not use."""
+        kept = {id(m) for m in keep.usermaps.values()} if keep is not None else set()
         for usermap in self.usermaps.values():
-            await usermap.close()
+            if id(usermap) not in kept:
+                await usermap.close()
 
     async def query(self, map_name: str, key: str) -> LookupResult:
         """Answer *key* in the configured map *map_name* (``maps:`` in the configuration).

@@ -110,7 +110,6 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
-        self._service = listener.service
         self._framer = listener.service.framer()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -190,6 +189,12 @@ class Connection(asyncio.Protocol):
         self._maybe_resume_reading()
 
     # -- requests and replies ----------------------------------------------
+
+    @property
+    def _service(self) -> Service:
+        # Read at each use: a reload swaps the listener's service (same
+        # protocol, new router) under established connections.
+        return self._listener.service
 
     def _submit(self, request: Any) -> None:
         task = self._loop.create_task(self._service.answer(request))
@@ -302,17 +307,24 @@ class Listener:
         self._sweeper = asyncio.create_task(self._sweep())
         logger.info("listening on %s (%s)", self.spec.address, self.spec.protocol)
 
+    def update(self, spec: ListenConfig, service: Service) -> None:
+        """Take a reloaded configuration for the same address and protocol."""
+        self.spec = spec
+        self.service = service
+
     async def _sweep(self) -> None:
-        interval = min(limits.SWEEP_INTERVAL_SECONDS, self.spec.idle_timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(limits.SWEEP_INTERVAL_SECONDS, self.spec.idle_timeout / 4))
             now = loop.time()
             for connection in list(self.connections):
                 connection.sweep(now, self.spec.idle_timeout)
 
-    async def stop(self, grace: float) -> None:
-        """Stop accepting; let requests in flight finish for up to *grace* seconds; close."""
+    async def stop(self, grace: float, force: asyncio.Event | None = None) -> None:
+        """Stop accepting; let requests in flight finish for up to *grace* seconds; close.
+
+        Setting *force* ends the wait at once.
+        """
         if self._server is not None:
             self._server.close()
         if self._sweeper is not None:
@@ -320,9 +332,14 @@ class Listener:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while any(c.busy for c in self.connections) and loop.time() < deadline:
+            if force is not None and force.is_set():
+                break
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.close()
         if self.spec.family == "unix":
+            # After a privilege drop this may fail; the next start replaces
+            # the stale socket.
             with contextlib.suppress(OSError):
                 os.unlink(self.spec.path)
+        logger.info("stopped listening on %s", self.spec.address)

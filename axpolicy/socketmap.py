@@ -29,11 +29,13 @@ SECURITY
 from __future__ import annotations
 
 import logging
+import time
 
 from axpolicy import limits, netstring
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
+from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class SocketmapService:
         return _Framer()
 
     async def answer(self, payload: bytes) -> bytes:
+        started = time.perf_counter()
         name, space, key = payload.partition(b" ")
         if not space or not name:
             logger.warning("socketmap: request without map name: %s", printable(payload))
@@ -103,4 +106,8 @@ class SocketmapService:
         result = await self._router.query(map_name, text)
         if result.status is Status.PERM:
             logger.warning("socketmap: %s: %s", result.reason, printable(map_name))
+        STATS.record("socketmap", map_name if result.status is not Status.PERM else "", OUTCOME[result.status],
+                     time.perf_counter() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("socketmap %s %s: %s", map_name, printable(text), result.status.value)
         return netstring.encode(reply_payload(result))

@@ -26,11 +26,13 @@ LIMITS
 from __future__ import annotations
 
 import logging
+import time
 
 from axpolicy import limits
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
+from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError
 
 logger = logging.getLogger(__name__)
@@ -120,6 +122,7 @@ class TcpTableService:
         return _Framer()
 
     async def answer(self, line: bytes) -> bytes:
+        started = time.perf_counter()
         command, space, argument = line.partition(b" ")
         if command != b"get" or not space:
             logger.warning("tcp_table: unsupported request: %s", printable(line))
@@ -132,4 +135,8 @@ class TcpTableService:
         except UnicodeDecodeError:
             logger.info("tcp_table: key is not UTF-8, not found: %s", printable(argument))
             return b"500 not%20found\n"
-        return reply_line(await self._router.query(self._map, key))
+        result = await self._router.query(self._map, key)
+        STATS.record("tcp_table", self._map, OUTCOME[result.status], time.perf_counter() - started)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("tcp_table %s %s: %s", self._map, printable(key), result.status.value)
+        return reply_line(result)

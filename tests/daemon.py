@@ -42,6 +42,9 @@ class Axpolicy:
         self.write_config(config)
 
     def write_config(self, config: dict[str, Any]) -> None:
+        # The tests run as root; they say so explicitly unless a test is
+        # about dropping privileges.
+        config.setdefault("user", "root")
         self.config = config
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -62,12 +65,21 @@ class Axpolicy:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"axpolicy exited with {self.proc.returncode}:\n{self.log}")
             if time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"axpolicy listeners not ready:\n{self.log}")
             try:
                 connect(pending[0], timeout=1).close()
                 pending.pop(0)
             except OSError:
                 time.sleep(0.05)
+        # Sockets accept (kernel backlog) before the event loop runs; signals
+        # are handled only once it says so.
+        if self.config.get("log", {}).get("target", "stderr") == "stderr":
+            while "axpolicy ready" not in self.log:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"axpolicy did not get ready:\n{self.log}")
+                time.sleep(0.02)
 
     @property
     def log(self) -> str:

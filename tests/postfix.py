@@ -112,6 +112,7 @@ class Sinks:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
+                        self.stop()
                         raise RuntimeError(f"smtp-sink on {host}:{self.port} did not start") from None
                     time.sleep(0.05)
 

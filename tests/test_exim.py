@@ -9,6 +9,7 @@ recipe's own mode and group (ACLs run as Debian-exim).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -58,20 +59,19 @@ def axpolicy_config(workdir: Path, slapd: Slapd, socket_path: Path) -> dict[str,
 def frontend(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Frontend]:
     workdir = tmp_path_factory.mktemp("exim")
     open_path(workdir)
-    sinks = Sinks(workdir / "sinks")
     socket_path = workdir / "run" / "exim.sock"
     socket_path.parent.mkdir()
     open_path(socket_path.parent)
-    axpolicy = Axpolicy(workdir / "axpolicy", axpolicy_config(workdir, slapd_primary, socket_path))
-    axpolicy.start()
-    exim = Exim(workdir / "exim", str(socket_path), sinks.port)
-    exim.check()
-    try:
+    with contextlib.ExitStack() as stack:
+        sinks = Sinks(workdir / "sinks")
+        stack.callback(sinks.stop)
+        axpolicy = Axpolicy(workdir / "axpolicy", axpolicy_config(workdir, slapd_primary, socket_path))
+        stack.callback(axpolicy.stop)
+        axpolicy.start()
+        exim = Exim(workdir / "exim", str(socket_path), sinks.port)
+        stack.callback(exim.stop)
+        exim.check()
         yield Frontend(exim, axpolicy, sinks)
-    finally:
-        exim.stop()
-        axpolicy.stop()
-        sinks.stop()
 
 
 @pytest.mark.parametrize(("address", "host"), [
