@@ -46,6 +46,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import sys
@@ -128,6 +129,19 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         with contextlib.suppress(PermissionError):
             os.setuid(0)
             raise PermissionError(1, "privileges could be regained after dropping them")
+
+
+def raise_file_limit() -> None:
+    """Allow as many descriptors as the hard limit permits (up to 65536).
+
+    Every client connection is a descriptor; a soft limit of 1024 (the
+    Linux default) would cap connections well below max_connections.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -278,6 +292,7 @@ def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
     except ConfigError as exc:
         raise StartupError(EXIT_CONFIG, str(exc)) from None
     log.configure(config.log)
+    raise_file_limit()
     for warning in warnings(config):
         logger.warning("%s", warning)
     if not config.listen:

@@ -78,7 +78,9 @@ class _Framer:
                 break
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
-            request = self._line(line[:-1] if line.endswith(b"\r") else line)
+            # LF only, as Postfix sends: a CR stays part of the line, so a
+            # value can never lose a character to framing.
+            request = self._line(line)
             if request is not None:
                 requests.append(request)
         if len(self._buffer) > limits.POLICY_MAX_LINE_BYTES:

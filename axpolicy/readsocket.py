@@ -65,7 +65,9 @@ class _Framer:
         self._buffer += data
         end = self._buffer.find(b"\n")
         if end >= 0:
-            return self._finish(bytes(self._buffer[:end]))
+            line = bytes(self._buffer[:end])
+            # A CR before the LF is line framing (CRLF), not part of the key.
+            return self._finish(line[:-1] if line.endswith(b"\r") else line)
         if len(self._buffer) > limits.READSOCKET_MAX_REQUEST_BYTES:
             raise FrameError("readsocket: request too large", b"PERM request too large")
         return []
@@ -80,7 +82,7 @@ class _Framer:
         self._buffer.clear()
         if len(request) > limits.READSOCKET_MAX_REQUEST_BYTES:
             raise FrameError("readsocket: request too large", b"PERM request too large")
-        return [request[:-1] if request.endswith(b"\r") else request]
+        return [request]
 
 
 class ReadsocketService:

@@ -73,7 +73,7 @@ class LineClient:
 
     def policy(self, attributes: dict[str, str]) -> bytes:
         """Send one policy request; return the reply up to and including the empty line."""
-        self.send(b"".join(f"{k}={v}\n".encode() for k, v in attributes.items()) + b"\n")
+        self.send(b"".join(f"{k}={v}\n".encode("utf-8", "surrogateescape") for k, v in attributes.items()) + b"\n")
         reply = b""
         while not reply.endswith(b"\n\n"):
             line = self.readline()

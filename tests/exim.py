@@ -56,6 +56,8 @@ host_lookup =
 rfc1413_hosts =
 tls_advertise_hosts =
 smtp_accept_max = 50
+# One session tries every open-relay vector; most are syntax errors.
+smtp_max_synprot_errors = 1000
 queue_run_max = 5
 # --- exim/main.conf -------------------------------------------------------
 {main}
@@ -138,12 +140,18 @@ class Exim:
 
     def session(self, *recipients: str, sender: str = "sender@elsewhere.example") -> list[tuple[int, str]]:
         """An ``exim -bh`` SMTP session from an untrusted client; one reply per RCPT."""
-        commands = ["EHLO client.example", f"MAIL FROM:<{sender}>"]
-        commands += [f"RCPT TO:<{r}>" for r in recipients] + ["QUIT"]
+        return self.raw_session(f"<{sender}>", [f"<{r}>" for r in recipients])
+
+    def raw_session(self, mail_from: str, rcpt_args: list[str]) -> list[tuple[int, str]]:
+        """Like session(), with the MAIL FROM and RCPT TO arguments exactly as given."""
+        commands = ["EHLO client.example", f"MAIL FROM:{mail_from}"]
+        commands += [f"RCPT TO:{arg}" for arg in rcpt_args] + ["QUIT"]
         proc = self.run("-bh", "192.0.2.7", stdin="".join(c + "\r\n" for c in commands))
         replies = _final_replies(proc.stdout)
         # greeting, EHLO, MAIL, then one per RCPT
-        return replies[3:3 + len(recipients)]
+        if len(replies) < 3 + len(rcpt_args) or replies[2][0] != 250:
+            raise AssertionError(f"unexpected -bh transcript:\n{proc.stdout}\n{proc.stderr}")
+        return replies[3:3 + len(rcpt_args)]
 
     def start(self) -> None:
         self.daemon = subprocess.Popen([self.exim, "-C", str(self.config), "-bdf", "-q2s", "-oX", str(self.port)],

@@ -240,6 +240,20 @@ class Postfix:
         assert code == 250, (code, text)
         return session
 
+    def raw_session(self, mail_from: str, rcpt_args: list[str]) -> list[tuple[int, str]]:
+        """One session from an untrusted client with MAIL FROM and RCPT TO arguments exactly as given."""
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as session:
+            session.ehlo("client.example")
+            code, text = session.docmd(f"MAIL FROM:{mail_from}")
+            assert code == 250, (code, text)
+            replies = []
+            for arg in rcpt_args:
+                # Raw UTF-8 on the wire: smtplib's docmd() only sends ASCII.
+                session.send(f"RCPT TO:{arg}\r\n".encode())
+                code, text = session.getreply()
+                replies.append((code, text.decode(errors="replace")))
+            return replies
+
     def rcpt(self, recipient: str) -> tuple[int, str]:
         """``RCPT TO:<recipient>`` in a fresh session; returns the reply."""
         with self.smtp() as session:

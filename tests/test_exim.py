@@ -23,6 +23,7 @@ from tests.daemon import Axpolicy
 from tests.exim import FRAGMENTS, Exim, exim_binary
 from tests.postfix import Sinks, open_path
 from tests.slapd import BIND_PW, Slapd
+from tests.vectors import OPEN_RELAY_RCPTS, SENDERS
 
 if exim_binary() is None:
     if os.environ.get("CI"):
@@ -175,3 +176,12 @@ def test_daemon_delivers_mapped_recipients_to_their_back_end(frontend: Frontend)
         assert "alice@example.com" not in everything["127.0.0.3"] + everything["127.0.0.4"]
     finally:
         frontend.exim.stop()
+
+
+@pytest.mark.parametrize("sender", SENDERS)
+def test_classic_open_relay_vectors_are_all_refused(frontend: Frontend, sender: str) -> None:
+    """Every vector refused (5xx) in one session, while a mapped user is still accepted."""
+    replies = frontend.exim.raw_session(sender, [*OPEN_RELAY_RCPTS, "<alice@example.com>"])
+    accepted = [(arg, reply) for arg, reply in zip(OPEN_RELAY_RCPTS, replies, strict=False) if reply[0] < 500]
+    assert accepted == []
+    assert replies[-1][0] == 250, replies[-1]

@@ -21,6 +21,7 @@ from tests.conftest import axpolicy_cli, postmap
 from tests.daemon import Axpolicy
 from tests.postfix import RECIPES, Postfix, Sinks
 from tests.slapd import BIND_PW, Slapd, free_port
+from tests.vectors import OPEN_RELAY_RCPTS, SENDERS
 
 
 @dataclasses.dataclass
@@ -213,3 +214,12 @@ def test_policy_service_answers_through_smtpd(policy_only: Frontend, slapd: Slap
     code, text = policy_only.postfix.rcpt("user19@example.com")
     assert (code, text) == (450, "4.3.0 <user19@example.com>: Recipient address rejected: "
                                  "User map temporarily unavailable")
+
+
+@pytest.mark.parametrize("sender", SENDERS)
+def test_classic_open_relay_vectors_are_all_refused(frontend: Frontend, sender: str) -> None:
+    """Every vector refused (5xx) in one session, while a mapped user is still accepted."""
+    replies = frontend.postfix.raw_session(sender, [*OPEN_RELAY_RCPTS, "<alice@example.com>"])
+    accepted = [(arg, reply) for arg, reply in zip(OPEN_RELAY_RCPTS, replies, strict=False) if reply[0] < 500]
+    assert accepted == []
+    assert replies[-1][0] == 250, replies[-1]

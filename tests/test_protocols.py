@@ -294,13 +294,20 @@ def test_policy_directory_down_defers(axpolicy: Axpolicy, slapd: Slapd) -> None:
     client.close()
 
 
-def test_policy_connection_is_persistent_and_tolerates_crlf(axpolicy: Axpolicy) -> None:
+def test_policy_connection_is_persistent(axpolicy: Axpolicy) -> None:
     client = LineClient(axpolicy.address("policy"))
     for _ in range(3):
         assert client.policy(rcpt_policy("bob@example.com")) == b"action=OK\n\n"
-    client.send(b"request=smtpd_access_policy\r\nprotocol_state=RCPT\r\nrecipient=bob@example.com\r\n\r\n")
-    assert client.readline() + client.readline() == b"action=OK\n\n"
     client.close()
+
+
+def test_policy_crlf_is_not_the_protocol(axpolicy: Axpolicy) -> None:
+    """Postfix sends LF only; with CRLF the "\\r" line is not an attribute: no reply, closed."""
+    sock = connect(axpolicy.address("policy"))
+    sock.sendall(b"request=smtpd_access_policy\r\nprotocol_state=RCPT\r\nrecipient=bob@example.com\r\n\r\n")
+    sock.settimeout(10)
+    assert sock.recv(100) == b""
+    sock.close()
 
 
 @pytest.mark.parametrize("request_bytes", [
