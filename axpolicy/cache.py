@@ -37,8 +37,12 @@ class LookupCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: Hashable) -> LookupResult | None:
-        """The fresh answer for *key*, or None."""
+    def get(self, key: Hashable, count_miss: bool = True) -> LookupResult | None:
+        """The fresh answer for *key*, or None.
+
+        *count_miss* is False for a fast-path probe that is followed by a
+        real lookup, so that a miss is counted once.
+        """
         item = self._entries.get(key)
         if item is not None:
             result, stored = item
@@ -47,7 +51,8 @@ class LookupCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return result
-        self.misses += 1
+        if count_miss:
+            self.misses += 1
         return None
 
     def get_stale(self, key: Hashable) -> LookupResult | None:

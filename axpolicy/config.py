@@ -273,11 +273,12 @@ def check_filter(template: str, path: str) -> None:
         raise _fail(path, "lone % at the end (write %% for a literal %)")
     if "%s" not in template and "%u" not in template:
         raise _fail(path, "must contain %s or %u, or every address would match")
-    # Imported here: ldap3 is heavy and only the ldap map needs it.
-    from axpolicy.ldapmap import expand_filter, filter_is_valid
+    from axpolicy.ldapwire import LdapWireError, compile_filter
 
-    if not filter_is_valid(expand_filter(template, "user", "example.com")):
-        raise _fail(path, "is not a valid LDAP filter (RFC 4515)")
+    try:
+        compile_filter(template)
+    except LdapWireError as exc:
+        raise _fail(path, f"is not a valid LDAP filter (RFC 4515): {exc}") from None
 
 
 def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapMapConfig:

@@ -130,6 +130,7 @@ class FileUserMap:
     def __init__(self, cfg: FileMapConfig) -> None:
         self.name = cfg.name
         self.catchall = cfg.catchall
+        self.cached = False
         self._path = cfg.path
         self._table = _read(cfg.path)  # FileMapError at start-up is fatal
         self._checked = time.monotonic()
@@ -143,6 +144,15 @@ class FileUserMap:
         """FOUND with the host, or NOTFOUND."""
         if time.monotonic() - self._checked >= limits.FILEMAP_CHECK_INTERVAL_SECONDS:
             await self._maybe_reload()
+        return self._find(key)
+
+    def lookup_now(self, key: str) -> LookupResult | None:
+        """The answer without waiting, or None when the file is due for a change check."""
+        if time.monotonic() - self._checked >= limits.FILEMAP_CHECK_INTERVAL_SECONDS:
+            return None
+        return self._find(key)
+
+    def _find(self, key: str) -> LookupResult:
         table = self._table
         host = table.exact.get(key)
         if host is not None:

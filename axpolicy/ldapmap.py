@@ -20,8 +20,12 @@ DESCRIPTION
 
 PROTOCOL
     RFC 4511 search: ``base``, ``scope``, the configured filter with ``%s``
-    (whole key), ``%u`` (local part), ``%d`` (domain) replaced by values
-    escaped per RFC 4515, one attribute (``host_attribute``).
+    (whole key), ``%u`` (local part), ``%d`` (domain) filled in, one
+    attribute (``host_attribute``).  ldap3 opens, secures and binds each
+    connection; the searches themselves are encoded and decoded by
+    :mod:`axpolicy.ldapwire` on that connection's socket, because ldap3's
+    pyasn1 encoder costs more CPU per search than slapd takes to answer
+    (docs/benchmarks.rst).
 
 DIAGNOSTICS
     FOUND     one or more entries, all with the same single host value.
@@ -34,11 +38,12 @@ DIAGNOSTICS
               that is not a host name or IP address.
 
 SECURITY
-    Every value put into the filter goes through ``escape_filter_chars``;
-    ldap3's own auto-escaping is turned off so nothing is escaped twice.
-    Keys with control characters are refused before any search: slapd
-    truncates an assertion value at an escaped NUL (``\\00``), so
-    ``alice@example.com<NUL>`` would otherwise match alice.
+    Key parts travel as BER OCTET STRING assertion values inside a filter
+    structure compiled once from the configuration: no character of a key
+    can change the filter (RFC 4515 escaping is a property of the string
+    form, which this path never builds).  Keys with control characters are
+    refused before any search: slapd cuts an assertion value short at a
+    NUL, so ``alice@example.com<NUL>`` would otherwise match alice.
     The bind password is never logged.
 """
 
@@ -49,45 +54,20 @@ import concurrent.futures
 import logging
 import math
 import queue
-import re
 import ssl
 import threading
 import time
-from typing import Any
 
 import ldap3
 from ldap3.core import exceptions as ldap_errors
-from ldap3.operation.search import parse_filter
-from ldap3.utils.conv import escape_filter_chars
 
-from axpolicy import limits
+from axpolicy import ldapwire, limits
 from axpolicy.address import valid_host
 from axpolicy.config import LdapMapConfig
 from axpolicy.log import printable as _printable
 from axpolicy.result import NOTFOUND, LookupResult, found, temp
 
 logger = logging.getLogger(__name__)
-
-_SCOPES = {"base": ldap3.BASE, "one": ldap3.LEVEL, "sub": ldap3.SUBTREE}
-_ESCAPE_RE = re.compile(r"%([sud%])")
-
-
-def expand_filter(template: str, local: str, domain: str) -> str:
-    """Fill ``%s``, ``%u``, ``%d`` and ``%%`` in *template*, escaping values."""
-    address = f"{local}@{domain}"
-    values = {"s": escape_filter_chars(address), "u": escape_filter_chars(local),
-              "d": escape_filter_chars(domain), "%": "%"}
-    return _ESCAPE_RE.sub(lambda m: values[m.group(1)], template)
-
-
-def filter_is_valid(text: str) -> bool:
-    """True when ldap3 can parse *text* as a search filter."""
-    try:
-        parse_filter(text, None, auto_escape=False, auto_encode=False, validator=None, check_names=False)
-    except ldap_errors.LDAPException:
-        return False
-    return True
-
 
 class _Server:
     """One configured server and its failure state (guarded by the map's lock)."""
@@ -117,6 +97,8 @@ class _Slot:
     def __init__(self) -> None:
         self.conn: ldap3.Connection | None = None
         self.server: _Server | None = None
+        # Our own message ids start high: ldap3 used the low ones to bind.
+        self.message_id = 1000
 
     def drop(self) -> None:
         conn, self.conn, self.server = self.conn, None, None
@@ -125,6 +107,10 @@ class _Slot:
                 conn.unbind()
             except Exception:  # noqa: BLE001 - closing a broken socket may fail any way
                 pass
+
+
+# Result codes for answers the server cut short (RFC 4511 appendix A).
+_INCOMPLETE = {3, 4, 10, 11}   # timeLimitExceeded, sizeLimitExceeded, referral, adminLimitExceeded
 
 
 class _Failure(Exception):
@@ -137,8 +123,10 @@ class LdapUserMap:
     def __init__(self, cfg: LdapMapConfig) -> None:
         self.name = cfg.name
         self.catchall = cfg.catchall
+        self.cached = True
         self._cfg = cfg
         self._servers = [_Server(i, url, cfg) for i, url in enumerate(cfg.servers)]
+        self._filter = ldapwire.compile_filter(cfg.filter)
         self._lock = threading.Lock()
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._all_slots = [_Slot() for _ in range(cfg.pool_size)]
@@ -169,17 +157,22 @@ class LdapUserMap:
             logger.info("usermap %s: key with control characters, not found: %s", self.name, _printable(key))
             return NOTFOUND
         local, _, domain = key.rpartition("@")
-        search_filter = expand_filter(self._cfg.filter, local, domain)
+        values = {"s": key.encode("utf-8"), "u": local.encode("utf-8"), "d": domain.encode("utf-8")}
+        search_filter = self._filter.encode(values)
         deadline = time.monotonic() + self._cfg.timeout
         loop = asyncio.get_running_loop()
         self._pending += 1
-        future = self._executor.submit(self._search, search_filter, deadline)
+        future = self._executor.submit(self._search, key, search_filter, deadline)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._cfg.timeout)
         except TimeoutError:
             logger.warning("usermap %s: no answer within %gs", self.name, self._cfg.timeout)
             return temp("user map timeout")
+
+    def lookup_now(self, key: str) -> LookupResult | None:
+        """Never without I/O: the router's cache is the fast path for this map."""
+        return None
 
     def _done(self) -> None:
         self._pending -= 1
@@ -197,12 +190,12 @@ class LdapUserMap:
     # ------------------------------------------------------------------
     # Worker side: everything below runs in a pool thread.
 
-    def _search(self, search_filter: str, deadline: float) -> LookupResult:
+    def _search(self, key: str, search_filter: bytes, deadline: float) -> LookupResult:
         if time.monotonic() >= deadline:
             return temp("user map timeout")  # the caller has already given up
         slot = self._slots.get()
         try:
-            return self._search_with_failover(slot, search_filter)
+            return self._search_with_failover(slot, key, search_filter)
         except Exception:  # noqa: BLE001 - a bug must become TEMP, never NOTFOUND
             logger.exception("usermap %s: unexpected error", self.name)
             slot.drop()
@@ -226,7 +219,7 @@ class LdapUserMap:
             self.failovers[server.url] += 1
         logger.warning("usermap %s: server %s failed (%s), failing over", self.name, server.url, why)
 
-    def _search_with_failover(self, slot: _Slot, search_filter: str) -> LookupResult:
+    def _search_with_failover(self, slot: _Slot, key: str, search_filter: bytes) -> LookupResult:
         candidates = self._candidates()
         if slot.server is not None and slot.server is not candidates[0]:
             # A preferred server is usable again (fail back), or ours is
@@ -235,7 +228,7 @@ class LdapUserMap:
         last_error = "no server"
         for server in candidates:
             try:
-                return self._search_on(slot, server, search_filter)
+                return self._search_on(slot, server, key, search_filter)
             except _Failure as exc:
                 last_error = str(exc)
                 slot.drop()
@@ -265,7 +258,7 @@ class LdapUserMap:
             raise _Failure(f"connect/bind: {_describe(exc)}") from None
         return conn
 
-    def _search_on(self, slot: _Slot, server: _Server, search_filter: str) -> LookupResult:
+    def _search_on(self, slot: _Slot, server: _Server, key: str, search_filter: bytes) -> LookupResult:
         reused = slot.conn is not None
         for attempt in (1, 2):
             if slot.conn is None:
@@ -274,8 +267,8 @@ class LdapUserMap:
             with self._lock:
                 self.searches[server.url] += 1
             try:
-                return self._run_search(slot.conn, search_filter)
-            except ldap_errors.LDAPCommunicationError as exc:
+                code, diagnostic, entries, referral = self._run_search(slot, search_filter)
+            except (OSError, ldapwire.LdapWireError) as exc:
                 slot.drop()
                 quick = time.monotonic() - started < self._cfg.timeout / 2
                 if attempt == 1 and reused and quick:
@@ -283,60 +276,83 @@ class LdapUserMap:
                     # retry once on a fresh connection to the same server.
                     continue
                 raise _Failure(f"search: {_describe(exc)}") from None
-            except ldap_errors.LDAPOperationResult as exc:
-                # The server answered with an error result: it is up, but
-                # cannot answer this.  Drop the connection and say TEMP.
+            if referral:
+                logger.warning("usermap %s: referral returned for %s", self.name, _printable(key))
+                return temp("user map returned a referral")
+            if code != ldapwire.RESULT_SUCCESS:
+                # The server answered, but not completely (sizeLimitExceeded,
+                # timeLimitExceeded, referral, noSuchObject for a missing
+                # base, busy, ...): never "not found".
                 slot.drop()
                 with self._lock:
                     self.errors[server.url] += 1
-                logger.warning("usermap %s: search failed on %s: %s", self.name, server.url, _describe(exc))
-                return temp("user map search failed")
-            except ldap_errors.LDAPException as exc:
-                slot.drop()
-                raise _Failure(f"search: {_describe(exc)}") from None
+                logger.warning("usermap %s: search for %s on %s ended with result %d %s", self.name,
+                               _printable(key), server.url, code, _printable(diagnostic))
+                return temp("user map search failed" if code not in _INCOMPLETE else "user map search incomplete")
+            return self._evaluate(entries, key)
         raise _Failure("search: retry failed")  # not reached
 
-    def _run_search(self, conn: ldap3.Connection, search_filter: str) -> LookupResult:
+    def _run_search(self, slot: _Slot, search_filter: bytes) -> tuple[int, bytes, list[ldapwire.Message], bool]:
+        """Send one SearchRequest on the slot's socket; collect its answers (OSError on trouble)."""
         cfg = self._cfg
-        conn.search(cfg.base, search_filter, search_scope=_SCOPES[cfg.scope],
-                    attributes=[cfg.host_attribute], size_limit=limits.LDAP_SIZE_LIMIT,
-                    time_limit=max(1, math.ceil(cfg.timeout)))
-        code = conn.result.get("result") if conn.result else None
-        if code != 0:
-            # sizeLimitExceeded, timeLimitExceeded and referral are not
-            # raised by ldap3 even with raise_exceptions.
-            logger.warning("usermap %s: search result %s %s", self.name, code,
-                           conn.result.get("description") if conn.result else "")
-            return temp("user map search incomplete")
-        return self._evaluate(conn.response or [], search_filter)
-
-    def _evaluate(self, response: list[dict[str, Any]], search_filter: str) -> LookupResult:
-        hosts: set[str] = set()
-        entries = 0
-        for item in response:
-            kind = item.get("type")
-            if kind == "searchResRef":
-                logger.warning("usermap %s: referral returned for %s", self.name, _printable(search_filter))
-                return temp("user map returned a referral")
-            if kind != "searchResEntry":
+        conn = slot.conn
+        sock = conn.socket if conn is not None else None
+        if sock is None:
+            raise OSError("connection is not open")
+        slot.message_id = slot.message_id % 0x7FFFFFFF + 1
+        message_id = slot.message_id
+        sock.sendall(ldapwire.encode_search(message_id, cfg.base, cfg.scope, search_filter, cfg.host_attribute,
+                                            limits.LDAP_SIZE_LIMIT, max(1, math.ceil(cfg.timeout))))
+        buffer = bytearray()
+        entries: list[ldapwire.Message] = []
+        referral = False
+        while True:
+            size = ldapwire.frame_length(buffer)
+            if size is None or len(buffer) < size:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise OSError("connection closed by the server")
+                buffer += chunk
+                if len(buffer) > limits.LDAP_MAX_RESPONSE_BYTES:
+                    raise ldapwire.LdapWireError("response too large")
                 continue
-            entries += 1
-            values = _attribute(item.get("raw_attributes", {}), self._cfg.host_attribute)
+            message = ldapwire.decode_message(bytes(buffer[:size]))
+            del buffer[:size]
+            if message.message_id != message_id:
+                # A Notice of Disconnection (id 0) or a stray answer: the
+                # connection can no longer be trusted.
+                raise ldapwire.LdapWireError(f"unexpected message id {message.message_id}")
+            if message.kind == "entry":
+                entries.append(message)
+            elif message.kind == "reference":
+                referral = True
+            elif message.kind == "done":
+                if buffer:
+                    raise ldapwire.LdapWireError("data after the search result")
+                return message.result_code, message.diagnostic, entries, referral
+            else:
+                raise ldapwire.LdapWireError("unexpected operation in a search answer")
+
+    def _evaluate(self, entries: list[ldapwire.Message], key: str) -> LookupResult:
+        hosts: set[str] = set()
+        wanted = self._cfg.host_attribute.lower().encode("ascii")
+        for entry in entries:
+            values = [v for name, vals in entry.attributes.items() if name.lower() == wanted for v in vals]
             for raw in values:
                 try:
                     hosts.add(raw.decode("utf-8").strip().lower())
                 except UnicodeDecodeError:
                     logger.warning("usermap %s: %s of %s is not UTF-8", self.name,
-                                   self._cfg.host_attribute, _printable(item.get("dn", "")))
+                                   self._cfg.host_attribute, _printable(entry.dn))
                     return temp("user map entry has a bad host")
             if not values:
                 logger.warning("usermap %s: %s has no %s; treated as not found", self.name,
-                               _printable(item.get("dn", "")), self._cfg.host_attribute)
+                               _printable(entry.dn), self._cfg.host_attribute)
         if not hosts:
             return NOTFOUND
         if len(hosts) > 1:
-            logger.warning("usermap %s: %d entries disagree on the host for %s", self.name, entries,
-                           _printable(search_filter))
+            logger.warning("usermap %s: %d entries disagree on the host for %s", self.name, len(entries),
+                           _printable(key))
             return temp("user map entry is ambiguous")
         host = hosts.pop()
         if not valid_host(host):
@@ -344,15 +360,6 @@ class LdapUserMap:
                            _printable(host))
             return temp("user map entry has a bad host")
         return found(host)
-
-
-def _attribute(attributes: dict[str, list[bytes]], name: str) -> list[bytes]:
-    """Case-insensitive attribute lookup; ldap3 keeps the server's spelling."""
-    wanted = name.lower()
-    for key, values in attributes.items():
-        if key.lower() == wanted:
-            return list(values)
-    return []
 
 
 def _describe(exc: Exception) -> str:

@@ -73,3 +73,7 @@ EXIM_READSOCKET_MARGIN_SECONDS = 0.5
 
 # Postfix closes idle policy connections after smtpd_policy_service_max_idle.
 POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0
+
+# LDAP: the largest answer one search may produce (LDAP_SIZE_LIMIT entries
+# with one host attribute each fit many times over).
+LDAP_MAX_RESPONSE_BYTES = 1024 * 1024

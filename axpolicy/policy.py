@@ -125,6 +125,24 @@ class PolicyService:
     def framer(self) -> _Framer:
         return _Framer()
 
+    def answer_now(self, request: Request) -> bytes | None:
+        """The reply if it needs no I/O (other states, cache hits), else None."""
+        if request.get("request") != "smtpd_access_policy":
+            return None
+        if request.get("protocol_state", "").upper() != "RCPT":
+            return _DUNNO
+        recipient = request.get("recipient", "")
+        if not recipient:
+            return _DUNNO
+        started = time.perf_counter()
+        result = self._router.resolve_now(recipient, self._policy.usermap)
+        if result is None:
+            return None
+        STATS.record("policy", "policy", OUTCOME[result.status], time.perf_counter() - started)
+        if result.status is Status.FOUND:
+            return action_reply(expand_template(self._policy.mapped, result.value))
+        return self._unmapped
+
     async def answer(self, request: Request) -> bytes | None:
         kind = request.get("request")
         if kind != "smtpd_access_policy":

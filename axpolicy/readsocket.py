@@ -98,6 +98,22 @@ class ReadsocketService:
     def framer(self) -> _Framer:
         return _Framer()
 
+    def answer_now(self, request: bytes) -> bytes | None:
+        """The reply if the router knows it without I/O, else None."""
+        started = time.perf_counter()
+        name, space, key = request.partition(b" ")
+        if not space:
+            return None
+        try:
+            map_name, text = name.decode("ascii"), key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        result = self._router.query_now(map_name, text)
+        if result is None:
+            return None
+        STATS.record("readsocket", map_name, OUTCOME[result.status], time.perf_counter() - started)
+        return reply_body(result)
+
     async def answer(self, request: bytes) -> bytes:
         started = time.perf_counter()
         name, space, key = request.partition(b" ")

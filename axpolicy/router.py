@@ -22,10 +22,11 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 
-from axpolicy.address import AddressError, normalize_domain, parse, search_keys
+from axpolicy.address import Address, AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
 from axpolicy.config import Config, expand_template
 from axpolicy.log import printable
@@ -33,6 +34,12 @@ from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm
 from axpolicy.usermap import UserMap, open_usermap
 
 logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(address: str) -> Address:
+    """parse(), memoised: the fast path sees the same recipients again and again."""
+    return parse(address)
 
 
 def _same_answers(old: Config, new: Config) -> bool:
@@ -98,6 +105,44 @@ class Router:
             return found(expand_template(spec.result, result.value))
         return result
 
+    def query_now(self, map_name: str, key: str) -> LookupResult | None:
+        """:meth:`query` without waiting: the answer if it needs no I/O, else None.
+
+        The fast path of every protocol: a cache hit (or a file map, or a
+        domain map) is answered in the same event-loop callback that read
+        the request, without a task.
+        """
+        spec = self.config.maps.get(map_name)
+        if spec is None or spec.type == "domain":
+            return None
+        result = self.resolve_now(key, spec.usermap)
+        if result is not None and result.status is Status.FOUND:
+            return found(expand_template(spec.result, result.value))
+        return result
+
+    def resolve_now(self, address: str, usermap: str | None = None) -> LookupResult | None:
+        """:meth:`resolve` without waiting: FOUND or NOTFOUND if known now, else None."""
+        name = usermap or self.config.default_usermap
+        target = self.usermaps.get(name)
+        if target is None:
+            return None
+        try:
+            parsed = _parse(address)
+        except AddressError:
+            return None   # rare; the slow path logs it
+        if self.config.domains is not None and parsed.domain not in self.config.domains:
+            return NOTFOUND
+        for key in search_keys(parsed, self.config.recipient_delimiter, target.catchall):
+            if target.cached:
+                result = self.cache.get((name, key), count_miss=False)
+            else:
+                result = target.lookup_now(key)
+            if result is None:
+                return None
+            if result.status is not Status.NOTFOUND:
+                return result
+        return NOTFOUND
+
     async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
         """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.
 
@@ -124,6 +169,10 @@ class Router:
         return NOTFOUND
 
     async def _lookup(self, target: UserMap, key: str) -> LookupResult:
+        if not target.cached:
+            # In memory already (a file map): a cache would only delay
+            # what a changed file says.
+            return await target.lookup(key)
         cache_key = (target.name, key)
         cached = self.cache.get(cache_key)
         if cached is not None:

@@ -197,7 +197,17 @@ class Connection(asyncio.Protocol):
         return self._listener.service
 
     def _submit(self, request: Any) -> None:
-        task = self._loop.create_task(self._service.answer(request))
+        service = self._service
+        if not self._queue and self._transport is not None:
+            # Fast path: nothing owed before this request and the answer is
+            # known without I/O (a cache hit): reply in this callback.
+            reply = service.answer_now(request)
+            if reply is not None:
+                self._transport.write(reply)
+                if service.close_after_reply:
+                    self.close()
+                return
+        task = self._loop.create_task(service.answer(request))
         self._queue.append(task)
         task.add_done_callback(self._flush)
 

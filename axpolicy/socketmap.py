@@ -91,6 +91,23 @@ class SocketmapService:
     def framer(self) -> _Framer:
         return _Framer()
 
+    def answer_now(self, payload: bytes) -> bytes | None:
+        """The reply if the router knows it without I/O (cache, file map), else None."""
+        started = time.perf_counter()
+        name, space, key = payload.partition(b" ")
+        try:
+            map_name = name.decode("ascii")
+            text = key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if not space or not name:
+            return None
+        result = self._router.query_now(map_name, text)
+        if result is None:
+            return None
+        STATS.record("socketmap", map_name, OUTCOME[result.status], time.perf_counter() - started)
+        return netstring.encode(reply_payload(result))
+
     async def answer(self, payload: bytes) -> bytes:
         started = time.perf_counter()
         name, space, key = payload.partition(b" ")

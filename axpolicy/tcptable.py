@@ -121,6 +121,22 @@ class TcpTableService:
     def framer(self) -> _Framer:
         return _Framer()
 
+    def answer_now(self, line: bytes) -> bytes | None:
+        """The reply if the router knows it without I/O, else None."""
+        started = time.perf_counter()
+        command, space, argument = line.partition(b" ")
+        if command != b"get" or not space:
+            return None
+        try:
+            key = unquote(argument).decode("utf-8")
+        except (QuoteError, UnicodeDecodeError):
+            return None
+        result = self._router.query_now(self._map, key)
+        if result is None:
+            return None
+        STATS.record("tcp_table", self._map, OUTCOME[result.status], time.perf_counter() - started)
+        return reply_line(result)
+
     async def answer(self, line: bytes) -> bytes:
         started = time.perf_counter()
         command, space, argument = line.partition(b" ")

@@ -18,9 +18,14 @@ class UserMap(Protocol):
 
     name: str
     catchall: bool  # whether ``@domain`` keys are worth asking
+    cached: bool    # whether the router's cache should keep its answers
 
     async def lookup(self, key: str) -> LookupResult:
         """Answer one exact key: FOUND, NOTFOUND or TEMP."""
+        ...
+
+    def lookup_now(self, key: str) -> LookupResult | None:
+        """The answer if it needs no I/O, else None (maps that are cached: always None)."""
         ...
 
     async def close(self) -> None:

@@ -51,6 +51,10 @@ class Service(Protocol):
     def framer(self) -> Framer:
         ...
 
+    def answer_now(self, request: Any) -> bytes | None:
+        """Reply bytes if they are known without I/O (the fast path), else None."""
+        ...
+
     async def answer(self, request: Any) -> bytes | None:
         """Reply bytes for *request*; None closes the connection without a reply."""
         ...

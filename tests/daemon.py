@@ -74,7 +74,8 @@ class Axpolicy:
                 time.sleep(0.05)
         # Sockets accept (kernel backlog) before the event loop runs; signals
         # are handled only once it says so.
-        if self.config.get("log", {}).get("target", "stderr") == "stderr":
+        log = self.config.get("log", {})
+        if log.get("target", "stderr") == "stderr" and log.get("level", "info") in ("debug", "info"):
             while "axpolicy ready" not in self.log:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()

@@ -262,7 +262,10 @@ class CountingMap:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.calls = inner, 0
-        self.name, self.catchall = inner.name, inner.catchall
+        self.name, self.catchall, self.cached = inner.name, inner.catchall, inner.cached
+
+    def lookup_now(self, key: str) -> LookupResult | None:
+        return self.inner.lookup_now(key)  # type: ignore[no-any-return]
 
     async def lookup(self, key: str) -> LookupResult:
         self.calls += 1
