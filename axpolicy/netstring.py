@@ -48,6 +48,15 @@ class Decoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """Return every payload completed by *data*; raise NetstringError on garbage."""
+        if not self._buffer:
+            # The common case, one whole netstring in one read: no copy.
+            colon = data.find(b":", 0, self._max_digits + 1)
+            if colon > 0:
+                head = data[:colon]
+                if head.isdigit():
+                    end = colon + 1 + int(head)
+                    if end <= colon + 1 + self._max and len(data) == end + 1 and data[end] == 0x2C:
+                        return [data[colon + 1:end]]
         buffer = self._buffer
         buffer += data
         payloads: list[bytes] = []

@@ -26,7 +26,7 @@ import functools
 import logging
 from collections.abc import Mapping
 
-from axpolicy.address import Address, AddressError, normalize_domain, parse, search_keys
+from axpolicy.address import AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
 from axpolicy.config import Config, expand_template
 from axpolicy.log import printable
@@ -36,10 +36,24 @@ from axpolicy.usermap import UserMap, open_usermap
 logger = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse(address: str) -> Address:
-    """parse(), memoised: the fast path sees the same recipients again and again."""
-    return parse(address)
+_NOT_A_USER: tuple[str, ...] = ("",)   # marker: parse() refused the address
+
+
+@functools.lru_cache(maxsize=16384)
+def _plan(address: str, delimiters: str, catchall: bool, domains: frozenset[str] | None) -> tuple[str, ...]:
+    """The exact keys to try for *address*, memoised for the fast path.
+
+    ``()`` when the domain is outside ``domains``; ``_NOT_A_USER`` when the
+    address can never be a user.  Pure function of its arguments, so the
+    memo can never be stale.
+    """
+    try:
+        parsed = parse(address)
+    except AddressError:
+        return _NOT_A_USER
+    if domains is not None and parsed.domain not in domains:
+        return ()
+    return tuple(search_keys(parsed, delimiters, catchall))
 
 
 def _same_answers(old: Config, new: Config) -> bool:
@@ -55,6 +69,7 @@ class Router:
         self.usermaps = dict(usermaps)
         self.cache = cache
         self._inflight: dict[tuple[str, str], asyncio.Task[LookupResult]] = {}
+        self._answers: dict[tuple[str, str], LookupResult] = {}
 
     @classmethod
     def open(cls, config: Config, previous: Router | None = None) -> Router:
@@ -102,7 +117,7 @@ class Router:
             return found(expand_template(spec.result, "")) if domain in domains else NOTFOUND
         result = await self.resolve(key, spec.usermap)
         if result.status is Status.FOUND:
-            return found(expand_template(spec.result, result.value))
+            return self._formatted(spec.name, spec.result, result.value)
         return result
 
     def query_now(self, map_name: str, key: str) -> LookupResult | None:
@@ -117,8 +132,17 @@ class Router:
             return None
         result = self.resolve_now(key, spec.usermap)
         if result is not None and result.status is Status.FOUND:
-            return found(expand_template(spec.result, result.value))
+            return self._formatted(spec.name, spec.result, result.value)
         return result
+
+    def _formatted(self, map_name: str, template: str, host: str) -> LookupResult:
+        # Few distinct hosts: remember each map's answer for each host.
+        answer = self._answers.get((map_name, host))
+        if answer is None:
+            answer = found(expand_template(template, host))
+            if len(self._answers) < 10000:
+                self._answers[(map_name, host)] = answer
+        return answer
 
     def resolve_now(self, address: str, usermap: str | None = None) -> LookupResult | None:
         """:meth:`resolve` without waiting: FOUND or NOTFOUND if known now, else None."""
@@ -126,13 +150,10 @@ class Router:
         target = self.usermaps.get(name)
         if target is None:
             return None
-        try:
-            parsed = _parse(address)
-        except AddressError:
+        keys = _plan(address, self.config.recipient_delimiter, target.catchall, self.config.domains)
+        if keys is _NOT_A_USER:
             return None   # rare; the slow path logs it
-        if self.config.domains is not None and parsed.domain not in self.config.domains:
-            return NOTFOUND
-        for key in search_keys(parsed, self.config.recipient_delimiter, target.catchall):
+        for key in keys:
             if target.cached:
                 result = self.cache.get((name, key), count_miss=False)
             else:

@@ -146,7 +146,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._eof:
             return
-        self._last_activity = self._loop.time()
+        self._last_activity = now = self._loop.time()
         try:
             requests = self._framer.feed(data)
         except FrameError as exc:
@@ -156,7 +156,7 @@ class Connection(asyncio.Protocol):
             self._submit(request)
         if self._framer.partial:
             if self._partial_since is None:
-                self._partial_since = self._last_activity
+                self._partial_since = now
         else:
             self._partial_since = None
         if len(self._queue) >= limits.PIPELINE_DEPTH and not self._reading_paused and self._transport:
