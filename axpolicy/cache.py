@@ -14,7 +14,6 @@ DESCRIPTION
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import Callable, Hashable
 
@@ -28,7 +27,9 @@ class LookupCache:
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = cfg
         self._clock = clock
-        self._entries: collections.OrderedDict[Hashable, tuple[LookupResult, float]] = collections.OrderedDict()
+        # A plain dict keeps insertion order and is smaller than an
+        # OrderedDict; "most recently used" = re-inserted at the end.
+        self._entries: dict[Hashable, tuple[LookupResult, float]] = {}
         self._keep = max(cfg.ttl, cfg.negative_ttl, cfg.stale_if_error)
         self.hits = 0
         self.misses = 0
@@ -48,7 +49,9 @@ class LookupCache:
             result, stored = item
             ttl = self._cfg.ttl if result.status is Status.FOUND else self._cfg.negative_ttl
             if self._clock() - stored < ttl:
-                self._entries.move_to_end(key)
+                entries = self._entries
+                del entries[key]
+                entries[key] = item
                 self.hits += 1
                 return result
         if count_miss:
@@ -71,10 +74,11 @@ class LookupCache:
         """Remember a FOUND or NOTFOUND answer; anything else is ignored."""
         if result.status not in (Status.FOUND, Status.NOTFOUND) or self._cfg.max_entries == 0 or self._keep == 0:
             return
-        self._entries[key] = (result, self._clock())
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._cfg.max_entries:
-            self._entries.popitem(last=False)
+        entries = self._entries
+        entries.pop(key, None)
+        entries[key] = (result, self._clock())
+        while len(entries) > self._cfg.max_entries:
+            del entries[next(iter(entries))]
 
     def clear(self) -> None:
         """Forget everything (used when the user maps change on reload)."""

@@ -68,7 +68,7 @@ class Router:
         self.config = config
         self.usermaps = dict(usermaps)
         self.cache = cache
-        self._inflight: dict[tuple[str, str], asyncio.Task[LookupResult]] = {}
+        self._inflight: dict[str, asyncio.Task[LookupResult]] = {}
         self._answers: dict[tuple[str, str], LookupResult] = {}
 
     @classmethod
@@ -155,7 +155,7 @@ class Router:
             return None   # rare; the slow path logs it
         for key in keys:
             if target.cached:
-                result = self.cache.get((name, key), count_miss=False)
+                result = self.cache.get(f"{name}\x00{key}", count_miss=False)
             else:
                 result = target.lookup_now(key)
             if result is None:
@@ -194,7 +194,8 @@ class Router:
             # In memory already (a file map): a cache would only delay
             # what a changed file says.
             return await target.lookup(key)
-        cache_key = (target.name, key)
+        # One string, not a tuple: 100,000 entries cost noticeably less.
+        cache_key = f"{target.name}\x00{key}"
         cached = self.cache.get(cache_key)
         if cached is not None:
             return cached
@@ -207,7 +208,7 @@ class Router:
         # other clients are waiting for.
         return await asyncio.shield(task)
 
-    async def _fetch(self, target: UserMap, key: str, cache_key: tuple[str, str]) -> LookupResult:
+    async def _fetch(self, target: UserMap, key: str, cache_key: str) -> LookupResult:
         result = await target.lookup(key)
         if result.status is Status.TEMP:
             stale = self.cache.get_stale(cache_key)
