@@ -113,6 +113,43 @@ class _Slot:
 _INCOMPLETE = {3, 4, 10, 11}   # timeLimitExceeded, sizeLimitExceeded, referral, adminLimitExceeded
 
 
+class _Answer:
+    """Collects the messages that answer one search, from bytes in any chunks."""
+
+    def __init__(self, message_id: int) -> None:
+        self.message_id = message_id
+        self.entries: list[ldapwire.Message] = []
+        self.referral = False
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> tuple[int, bytes] | None:
+        """(result code, diagnostic) once SearchResultDone arrived, else None."""
+        buffer = self._buffer
+        buffer += chunk
+        if len(buffer) > limits.LDAP_MAX_RESPONSE_BYTES:
+            raise ldapwire.LdapWireError("response too large")
+        while True:
+            size = ldapwire.frame_length(buffer)
+            if size is None or len(buffer) < size:
+                return None
+            message = ldapwire.decode_message(bytes(buffer[:size]))
+            del buffer[:size]
+            if message.message_id != self.message_id:
+                # A Notice of Disconnection (id 0) or a stray answer: the
+                # connection can no longer be trusted.
+                raise ldapwire.LdapWireError(f"unexpected message id {message.message_id}")
+            if message.kind == "entry":
+                self.entries.append(message)
+            elif message.kind == "reference":
+                self.referral = True
+            elif message.kind == "done":
+                if buffer:
+                    raise ldapwire.LdapWireError("data after the search result")
+                return message.result_code, message.diagnostic
+            else:
+                raise ldapwire.LdapWireError("unexpected operation in a search answer")
+
+
 class _Failure(Exception):
     """A server-level failure: try the next server."""
 
@@ -159,16 +196,103 @@ class LdapUserMap:
         local, _, domain = key.rpartition("@")
         values = {"s": key.encode("utf-8"), "u": local.encode("utf-8"), "d": domain.encode("utf-8")}
         search_filter = self._filter.encode(values)
+        slot = self._free_slot()
+        if slot is not None and self._ready(slot):
+            result = await self._search_on_loop(slot, key, search_filter)
+            if result is not None:
+                return result
+            slot = None
         deadline = time.monotonic() + self._cfg.timeout
         loop = asyncio.get_running_loop()
         self._pending += 1
-        future = self._executor.submit(self._search, key, search_filter, deadline)
+        # A slot taken above that is not ready goes with the request, so
+        # that the worker connects exactly that one.
+        future = self._executor.submit(self._search, key, search_filter, deadline, slot)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        if slot is not None:
+            # A request cancelled before a worker ran it must not take the
+            # slot with it.
+            taken = slot
+            future.add_done_callback(lambda f: self._slots.put(taken) if f.cancelled() else None)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self._cfg.timeout)
         except TimeoutError:
             logger.warning("usermap %s: no answer within %gs", self.name, self._cfg.timeout)
             return temp("user map timeout")
+
+    def _free_slot(self) -> _Slot | None:
+        """A free slot, taken, or None when all are busy."""
+        try:
+            return self._slots.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _ready(self, slot: _Slot) -> bool:
+        """Whether the slot's connection can be used from the event loop.
+
+        Ready means: connected, not TLS (an SSL socket cannot be driven
+        from the loop), and on the server that failover prefers now.
+        Anything else goes through a worker thread, which connects, binds
+        and fails over.
+        """
+        conn = slot.conn
+        sock = conn.socket if conn is not None else None
+        return sock is not None and not isinstance(sock, ssl.SSLSocket) and slot.server is self._candidates()[0]
+
+    async def _search_on_loop(self, slot: _Slot, key: str, search_filter: bytes) -> LookupResult | None:
+        """One search on an established plain connection, without a thread.
+
+        Searches that only need an open connection are the common case; a
+        thread hand-off per search cost more than slapd's answer
+        (docs/benchmarks.rst).  Returns None when the connection broke, so
+        that the caller retries through the thread path (reconnect,
+        failover); a timeout is a TEMP and marks the server down.
+        """
+        server, conn = slot.server, slot.conn
+        if server is None or conn is None:
+            self._slots.put(slot)
+            return None
+        sock = conn.socket
+        loop = asyncio.get_running_loop()
+        self._pending += 1
+        try:
+            with self._lock:
+                self.searches[server.url] += 1
+            slot.message_id = slot.message_id % 0x7FFFFFFF + 1
+            answer = _Answer(slot.message_id)
+            request = ldapwire.encode_search(slot.message_id, self._cfg.base, self._cfg.scope, search_filter,
+                                             self._cfg.host_attribute, limits.LDAP_SIZE_LIMIT,
+                                             max(1, math.ceil(self._cfg.timeout)))
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(self._cfg.timeout):
+                    await loop.sock_sendall(sock, request)
+                    done = None
+                    while done is None:
+                        chunk = await loop.sock_recv(sock, 65536)
+                        if not chunk:
+                            raise OSError("connection closed by the server")
+                        done = answer.feed(chunk)
+            finally:
+                if slot.conn is not None and sock.fileno() >= 0:
+                    sock.settimeout(max(1, math.ceil(self._cfg.timeout)))
+        except TimeoutError:
+            slot.drop()
+            self._slots.put(slot)
+            self._mark_down(server, "search timed out")
+            logger.warning("usermap %s: no answer within %gs", self.name, self._cfg.timeout)
+            return temp("user map timeout")
+        except (OSError, ldapwire.LdapWireError) as exc:
+            slot.drop()
+            self._slots.put(slot)
+            logger.info("usermap %s: connection to %s broke (%s); reconnecting", self.name, server.url,
+                        _describe(exc))
+            return None
+        finally:
+            self._pending -= 1
+        result = self._conclude(slot, server, key, done, answer)
+        self._slots.put(slot)
+        return result
 
     def lookup_now(self, key: str) -> LookupResult | None:
         """Never without I/O: the router's cache is the fast path for this map."""
@@ -190,10 +314,13 @@ class LdapUserMap:
     # ------------------------------------------------------------------
     # Worker side: everything below runs in a pool thread.
 
-    def _search(self, key: str, search_filter: bytes, deadline: float) -> LookupResult:
+    def _search(self, key: str, search_filter: bytes, deadline: float, slot: _Slot | None = None) -> LookupResult:
         if time.monotonic() >= deadline:
+            if slot is not None:
+                self._slots.put(slot)
             return temp("user map timeout")  # the caller has already given up
-        slot = self._slots.get()
+        if slot is None:
+            slot = self._slots.get()
         try:
             return self._search_with_failover(slot, key, search_filter)
         except Exception:  # noqa: BLE001 - a bug must become TEMP, never NOTFOUND
@@ -267,7 +394,7 @@ class LdapUserMap:
             with self._lock:
                 self.searches[server.url] += 1
             try:
-                code, diagnostic, entries, referral = self._run_search(slot, search_filter)
+                done, answer = self._run_search(slot, search_filter)
             except (OSError, ldapwire.LdapWireError) as exc:
                 slot.drop()
                 quick = time.monotonic() - started < self._cfg.timeout / 2
@@ -276,62 +403,47 @@ class LdapUserMap:
                     # retry once on a fresh connection to the same server.
                     continue
                 raise _Failure(f"search: {_describe(exc)}") from None
-            if referral:
-                logger.warning("usermap %s: referral returned for %s", self.name, _printable(key))
-                return temp("user map returned a referral")
-            if code != ldapwire.RESULT_SUCCESS:
-                # The server answered, but not completely (sizeLimitExceeded,
-                # timeLimitExceeded, referral, noSuchObject for a missing
-                # base, busy, ...): never "not found".
-                slot.drop()
-                with self._lock:
-                    self.errors[server.url] += 1
-                logger.warning("usermap %s: search for %s on %s ended with result %d %s", self.name,
-                               _printable(key), server.url, code, _printable(diagnostic))
-                return temp("user map search failed" if code not in _INCOMPLETE else "user map search incomplete")
-            return self._evaluate(entries, key)
+            return self._conclude(slot, server, key, done, answer)
         raise _Failure("search: retry failed")  # not reached
 
-    def _run_search(self, slot: _Slot, search_filter: bytes) -> tuple[int, bytes, list[ldapwire.Message], bool]:
-        """Send one SearchRequest on the slot's socket; collect its answers (OSError on trouble)."""
+    def _conclude(self, slot: _Slot, server: _Server, key: str, done: tuple[int, bytes],
+                  answer: _Answer) -> LookupResult:
+        """The outcome of a complete search answer (either path)."""
+        code, diagnostic = done
+        if answer.referral:
+            logger.warning("usermap %s: referral returned for %s", self.name, _printable(key))
+            return temp("user map returned a referral")
+        if code != ldapwire.RESULT_SUCCESS:
+            # The server answered, but not completely (sizeLimitExceeded,
+            # timeLimitExceeded, referral, noSuchObject for a missing base,
+            # busy, ...): never "not found".
+            slot.drop()
+            with self._lock:
+                self.errors[server.url] += 1
+            logger.warning("usermap %s: search for %s on %s ended with result %d %s", self.name,
+                           _printable(key), server.url, code, _printable(diagnostic))
+            return temp("user map search failed" if code not in _INCOMPLETE else "user map search incomplete")
+        return self._evaluate(answer.entries, key)
+
+    def _run_search(self, slot: _Slot, search_filter: bytes) -> tuple[tuple[int, bytes], _Answer]:
+        """Send one SearchRequest on the slot's blocking socket; collect its answers (OSError on trouble)."""
         cfg = self._cfg
         conn = slot.conn
         sock = conn.socket if conn is not None else None
         if sock is None:
             raise OSError("connection is not open")
         slot.message_id = slot.message_id % 0x7FFFFFFF + 1
-        message_id = slot.message_id
-        sock.sendall(ldapwire.encode_search(message_id, cfg.base, cfg.scope, search_filter, cfg.host_attribute,
-                                            limits.LDAP_SIZE_LIMIT, max(1, math.ceil(cfg.timeout))))
-        buffer = bytearray()
-        entries: list[ldapwire.Message] = []
-        referral = False
+        answer = _Answer(slot.message_id)
+        sock.sendall(ldapwire.encode_search(slot.message_id, cfg.base, cfg.scope, search_filter,
+                                            cfg.host_attribute, limits.LDAP_SIZE_LIMIT,
+                                            max(1, math.ceil(cfg.timeout))))
         while True:
-            size = ldapwire.frame_length(buffer)
-            if size is None or len(buffer) < size:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise OSError("connection closed by the server")
-                buffer += chunk
-                if len(buffer) > limits.LDAP_MAX_RESPONSE_BYTES:
-                    raise ldapwire.LdapWireError("response too large")
-                continue
-            message = ldapwire.decode_message(bytes(buffer[:size]))
-            del buffer[:size]
-            if message.message_id != message_id:
-                # A Notice of Disconnection (id 0) or a stray answer: the
-                # connection can no longer be trusted.
-                raise ldapwire.LdapWireError(f"unexpected message id {message.message_id}")
-            if message.kind == "entry":
-                entries.append(message)
-            elif message.kind == "reference":
-                referral = True
-            elif message.kind == "done":
-                if buffer:
-                    raise ldapwire.LdapWireError("data after the search result")
-                return message.result_code, message.diagnostic, entries, referral
-            else:
-                raise ldapwire.LdapWireError("unexpected operation in a search answer")
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError("connection closed by the server")
+            done = answer.feed(chunk)
+            if done is not None:
+                return done, answer
 
     def _evaluate(self, entries: list[ldapwire.Message], key: str) -> LookupResult:
         hosts: set[str] = set()
