@@ -2,12 +2,21 @@
 
 DESCRIPTION
     One exact key (``user@domain`` or ``@domain``) becomes one LDAP search.
-    ldap3's synchronous client runs in a small thread pool so that searches
-    never block the event loop: ``pool_size`` worker threads, each owning at
-    most one connection, so there is exactly one search in flight per
-    connection.  At most ``queue_size`` further lookups wait for a worker;
-    beyond that a lookup fails at once with TEMP (overload must not turn
-    into unbounded memory or latency).
+    The map owns ``pool_size`` connection slots; a search takes a slot for
+    itself, so there is exactly one search in flight per connection, and
+    nothing ever blocks the event loop:
+
+    * on an established plain (``ldap://``) connection the search is sent
+      and read on the event loop with non-blocking socket calls;
+    * connecting, binding, failing over and every search on a TLS
+      connection (``ldaps://``, StartTLS) run in a pool of ``pool_size``
+      worker threads with ldap3's synchronous client.
+
+    The thread hand-off alone cost more than slapd's answer to a search
+    (docs/benchmarks.rst), hence the first path for the common case.  At
+    most ``queue_size`` further lookups wait for a worker; beyond that a
+    lookup fails at once with TEMP (overload must not turn into unbounded
+    memory or latency).
 
     Failover: servers are tried in the configured order.  A server that
     fails (connect error, timeout, broken connection) is skipped for

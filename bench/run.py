@@ -425,7 +425,7 @@ def machine() -> dict[str, str]:
         except (OSError, IndexError):
             return "?"
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cores": str(os.cpu_count()), "cpu": cpu,
-            "python": platform.python_version(), "postfix": version("postconf", "-h", "mail_version"),
+            "python": platform.python_version(), "postfix": version("postconf", "-d", "-h", "mail_version"),
             "slapd": version("dpkg-query", "-W", "-f", "${Version}", "slapd"),
             "postsrsd": version("dpkg-query", "-W", "-f", "${Version}", "postsrsd"),
             "postfwd": version("dpkg-query", "-W", "-f", "${Version}", "postfwd")}
