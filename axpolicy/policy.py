@@ -41,7 +41,7 @@ import time
 from axpolicy import limits
 from axpolicy.config import PolicyConfig, expand_template
 from axpolicy.log import printable
-from axpolicy.result import Status
+from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError
@@ -125,41 +125,42 @@ class PolicyService:
     def framer(self) -> _Framer:
         return _Framer()
 
-    def answer_now(self, request: Request) -> bytes | None:
-        """The reply if it needs no I/O (other states, cache hits), else None."""
-        if request.get("request") != "smtpd_access_policy":
-            return None
+    @staticmethod
+    def _recipient(request: Request) -> str | None:
+        """The recipient to look up, or None when the answer is DUNNO without a lookup."""
         if request.get("protocol_state", "").upper() != "RCPT":
-            return _DUNNO
-        recipient = request.get("recipient", "")
-        if not recipient:
-            return _DUNNO
-        started = time.perf_counter()
-        result = self._router.resolve_now(recipient, self._policy.usermap)
-        if result is None:
             return None
+        return request.get("recipient", "") or None
+
+    def _reply(self, result: LookupResult, started: float) -> bytes:
         STATS.record("policy", "policy", OUTCOME[result.status], time.perf_counter() - started)
         if result.status is Status.FOUND:
             return action_reply(expand_template(self._policy.mapped, result.value))
-        return self._unmapped
+        if result.status is Status.NOTFOUND:
+            return self._unmapped
+        return self._tempfail
+
+    def answer_now(self, request: Request) -> bytes | None:
+        """The reply if it needs no I/O (other states, cache hits), else None."""
+        if request.get("request") != "smtpd_access_policy":
+            return None   # the slow path logs and closes
+        recipient = self._recipient(request)
+        if recipient is None:
+            return _DUNNO
+        started = time.perf_counter()
+        result = self._router.resolve_now(recipient, self._policy.usermap)
+        return None if result is None else self._reply(result, started)
 
     async def answer(self, request: Request) -> bytes | None:
         kind = request.get("request")
         if kind != "smtpd_access_policy":
             logger.warning("policy: unsupported request=%s; closing", printable(kind or ""))
             return None
-        if request.get("protocol_state", "").upper() != "RCPT":
-            return _DUNNO
-        recipient = request.get("recipient", "")
-        if not recipient:
+        recipient = self._recipient(request)
+        if recipient is None:
             return _DUNNO
         started = time.perf_counter()
         result = await self._router.resolve(recipient, self._policy.usermap)
-        STATS.record("policy", "policy", OUTCOME[result.status], time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("policy RCPT %s: %s", printable(recipient), result.status.value)
-        if result.status is Status.FOUND:
-            return action_reply(expand_template(self._policy.mapped, result.value))
-        if result.status is Status.NOTFOUND:
-            return self._unmapped
-        return self._tempfail
+        return self._reply(result, started)

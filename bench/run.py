@@ -36,21 +36,14 @@ sys.path.insert(0, str(ROOT))
 
 from tests.daemon import Axpolicy, connect  # noqa: E402
 from tests.postfix import Postfix, Sinks, open_path  # noqa: E402
-from tests.slapd import BIND_DN, BIND_PW, DATA, PEOPLE, Slapd, free_port  # noqa: E402
+from tests.slapd import BIND_DN, BIND_PW, DATA, PEOPLE, Slapd, free_port, numbered_users  # noqa: E402
 
 FILTER = "(|(mail=%s)(mailAlternateAddress=%s))"
 
 
 def users_ldif(count: int) -> str:
-    """The test directory plus ``count`` users on alternating back-ends."""
-    chunks = [(DATA / "users.ldif").read_text()]
-    for n in range(1, count + 1):
-        host = "127.0.0.2" if n % 2 else "127.0.0.3"
-        chunks.append(
-            f"dn: uid=user{n},{PEOPLE}\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\n"
-            f"objectClass: mailAlternateRecipient\nuid: user{n}\ncn: User {n}\nsn: {n}\n"
-            f"mail: user{n}@example.com\nmailAlternateAddress: {n}@example.com\nmailHost: {host}\n")
-    return "\n".join(chunks)
+    """The test directory plus ``count`` users on alternating back-ends (as in the tests)."""
+    return (DATA / "users.ldif").read_text() + "\n" + numbered_users(count)
 
 
 def host_of(key: str) -> str:
