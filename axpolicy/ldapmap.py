@@ -173,6 +173,8 @@ class LdapUserMap:
         self._cfg = cfg
         self._servers = [_Server(i, url, cfg) for i, url in enumerate(cfg.servers)]
         self._filter = ldapwire.compile_filter(cfg.filter)
+        self._request = ldapwire.SearchTemplate(cfg.base, cfg.scope, cfg.host_attribute, limits.LDAP_SIZE_LIMIT,
+                                                max(1, math.ceil(cfg.timeout)))
         self._lock = threading.Lock()
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._all_slots = [_Slot() for _ in range(cfg.pool_size)]
@@ -269,9 +271,7 @@ class LdapUserMap:
                 self.searches[server.url] += 1
             slot.message_id = slot.message_id % 0x7FFFFFFF + 1
             answer = _Answer(slot.message_id)
-            request = ldapwire.encode_search(slot.message_id, self._cfg.base, self._cfg.scope, search_filter,
-                                             self._cfg.host_attribute, limits.LDAP_SIZE_LIMIT,
-                                             max(1, math.ceil(self._cfg.timeout)))
+            request = self._request.encode(slot.message_id, search_filter)
             sock.setblocking(False)
             try:
                 async with asyncio.timeout(self._cfg.timeout):
@@ -436,16 +436,13 @@ class LdapUserMap:
 
     def _run_search(self, slot: _Slot, search_filter: bytes) -> tuple[tuple[int, bytes], _Answer]:
         """Send one SearchRequest on the slot's blocking socket; collect its answers (OSError on trouble)."""
-        cfg = self._cfg
         conn = slot.conn
         sock = conn.socket if conn is not None else None
         if sock is None:
             raise OSError("connection is not open")
         slot.message_id = slot.message_id % 0x7FFFFFFF + 1
         answer = _Answer(slot.message_id)
-        sock.sendall(ldapwire.encode_search(slot.message_id, cfg.base, cfg.scope, search_filter,
-                                            cfg.host_attribute, limits.LDAP_SIZE_LIMIT,
-                                            max(1, math.ceil(cfg.timeout))))
+        sock.sendall(self._request.encode(slot.message_id, search_filter))
         while True:
             chunk = sock.recv(65536)
             if not chunk:

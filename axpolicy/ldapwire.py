@@ -168,13 +168,23 @@ def _encode(node: _Node, values: Mapping[str, bytes]) -> bytes:
     return _tlv(node.tag, _octets(node.attribute) + _octets(_fill(node.value, values)))
 
 
+class SearchTemplate:
+    """The parts of a SearchRequest that never change for one user map, encoded once."""
+
+    def __init__(self, base: str, scope: str, attribute: str, size_limit: int, time_limit: int) -> None:
+        self._head = (_octets(base.encode("utf-8")) + _integer(0x0A, SCOPE[scope]) + _integer(0x0A, 0)
+                      + _integer(0x02, size_limit) + _integer(0x02, time_limit) + _tlv(0x01, b"\x00"))
+        self._tail = _tlv(0x30, _octets(attribute.encode("ascii")))
+
+    def encode(self, message_id: int, filter_ber: bytes) -> bytes:
+        """A complete LDAPMessage carrying one SearchRequest."""
+        return _tlv(0x30, _integer(0x02, message_id) + _tlv(0x63, self._head + filter_ber + self._tail))
+
+
 def encode_search(message_id: int, base: str, scope: str, filter_ber: bytes, attribute: str,
                   size_limit: int, time_limit: int) -> bytes:
-    """A complete LDAPMessage carrying one SearchRequest."""
-    request = (_octets(base.encode("utf-8")) + _integer(0x0A, SCOPE[scope]) + _integer(0x0A, 0)
-               + _integer(0x02, size_limit) + _integer(0x02, time_limit) + _tlv(0x01, b"\x00")
-               + filter_ber + _tlv(0x30, _octets(attribute.encode("ascii"))))
-    return _tlv(0x30, _integer(0x02, message_id) + _tlv(0x63, request))
+    """A complete LDAPMessage carrying one SearchRequest (see SearchTemplate)."""
+    return SearchTemplate(base, scope, attribute, size_limit, time_limit).encode(message_id, filter_ber)
 
 
 # --------------------------------------------------------------------------
