@@ -148,7 +148,6 @@ class Bench:
 
     def sequential(self) -> None:
         keys, rounds = self.keys, self.args.repeat
-        rate = lambda seconds: len(keys) / seconds  # noqa: E731
         cases: dict[str, list[float]] = {}
 
         def measure(label: str, table: str, keys_for: Callable[[], list[str]],
@@ -172,7 +171,6 @@ class Bench:
         measure("axpolicy socketmap: unknown keys", self.socketmap(), self.unknown_keys, lambda k: None)
         measure("postsrsd tcp: (protocol floor)", f"tcp:127.0.0.1:{self.postsrsd_port}", lambda: keys,
                 lambda k: k)   # its own domain: answered unchanged (200)
-        del rate
         base = statistics.median(cases["native ldap: (found)"])
         floor = statistics.median(cases["postsrsd tcp: (protocol floor)"])
         table = []
