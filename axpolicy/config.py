@@ -362,6 +362,13 @@ def _file_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> FileM
     return FileMapConfig(name=name, path=_path(raw["path"], f"{path}.path", base_dir))
 
 
+def _named_section(name: str, raw: Any, path: str) -> dict[str, Any]:
+    """One entry of ``usermaps`` or ``maps``: a safe name and a mapping."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise _fail(path, "map names may use letters, digits, '_', '.' and '-'")
+    return _mapping(raw, path)
+
+
 def _usermaps(value: Any, base_dir: str) -> dict[str, UserMapConfig]:
     raw_maps = _mapping(value, "usermaps")
     if not raw_maps:
@@ -369,9 +376,7 @@ def _usermaps(value: Any, base_dir: str) -> dict[str, UserMapConfig]:
     maps: dict[str, UserMapConfig] = {}
     for name, raw in raw_maps.items():
         path = f"usermaps.{name}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise _fail(path, "map names may use letters, digits, '_', '.' and '-'")
-        raw = _mapping(raw, path)
+        raw = _named_section(name, raw, path)
         kind = raw.get("type")
         if kind == "ldap":
             maps[name] = _ldap_map(name, raw, path, base_dir)
@@ -511,9 +516,7 @@ def _maps(value: Any, usermaps: Mapping[str, UserMapConfig], domains: frozenset[
     maps: dict[str, MapConfig] = {}
     for name, raw in raw_maps.items():
         path = f"maps.{name}"
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise _fail(path, "map names may use letters, digits, '_', '.' and '-'")
-        raw = _mapping(raw, path)
+        raw = _named_section(name, raw, path)
         _known(raw, {"type", "usermap", "result"}, path)
         kind = raw.get("type", "address")
         if kind not in ("address", "domain"):

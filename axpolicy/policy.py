@@ -44,7 +44,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError
+from axpolicy.wire import FrameError, LineTooLong, split_lines
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +70,17 @@ class _Framer:
         return bool(self._buffer) or bool(self._count)
 
     def feed(self, data: bytes) -> list[Request]:
-        self._buffer += data
         requests: list[Request] = []
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                break
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            # LF only, as Postfix sends: a CR stays part of the line, so a
-            # value can never lose a character to framing.
+        try:
+            lines = split_lines(self._buffer, data, limits.POLICY_MAX_LINE_BYTES)
+        except LineTooLong:
+            raise FrameError("policy: line too long") from None
+        # LF only, as Postfix sends: a CR stays part of the line, so a value
+        # can never lose a character to framing.
+        for line in lines:
             request = self._line(line)
             if request is not None:
                 requests.append(request)
-        if len(self._buffer) > limits.POLICY_MAX_LINE_BYTES:
-            raise FrameError("policy: line too long")
         return requests
 
     def _line(self, line: bytes) -> Request | None:
@@ -93,8 +89,6 @@ class _Framer:
                 raise FrameError("policy: empty request")
             request, self._attributes, self._count, self._size = self._attributes, {}, 0, 0
             return request
-        if len(line) > limits.POLICY_MAX_LINE_BYTES:
-            raise FrameError("policy: line too long")
         self._count += 1
         self._size += len(line) + 1
         if self._count > limits.POLICY_MAX_ATTRIBUTES or self._size > limits.POLICY_MAX_REQUEST_BYTES:

@@ -35,7 +35,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError
+from axpolicy.wire import FrameError, split_map_request
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,10 @@ class ReadsocketService:
     def answer_now(self, request: bytes) -> bytes | None:
         """The reply if the router knows it without I/O, else None."""
         started = time.perf_counter()
-        name, space, key = request.partition(b" ")
-        if not space:
-            return None
-        try:
-            map_name, text = name.decode("ascii"), key.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+        parts = split_map_request(request)
+        if parts is None:
+            return None   # the slow path says why (or uses the default map)
+        map_name, text = parts
         result = self._router.query_now(map_name, text)
         if result is None:
             return None

@@ -36,7 +36,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError
+from axpolicy.wire import FrameError, split_map_request
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,10 @@ class SocketmapService:
     def answer_now(self, payload: bytes) -> bytes | None:
         """The reply if the router knows it without I/O (cache, file map), else None."""
         started = time.perf_counter()
-        name, space, key = payload.partition(b" ")
-        try:
-            map_name = name.decode("ascii")
-            text = key.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-        if not space or not name:
-            return None
+        request = split_map_request(payload)
+        if request is None:
+            return None   # the slow path says why
+        map_name, text = request
         result = self._router.query_now(map_name, text)
         if result is None:
             return None

@@ -33,7 +33,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError
+from axpolicy.wire import FrameError, LineTooLong, split_lines
 
 logger = logging.getLogger(__name__)
 
@@ -89,20 +89,11 @@ class _Framer:
         return bool(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        lines: list[bytes] = []
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                break
-            line = bytes(self._buffer[:end])
-            del self._buffer[: end + 1]
-            if len(line) > limits.TCP_TABLE_MAX_REQUEST_BYTES:
-                raise FrameError("tcp_table: request line too long", b"400 request%20too%20long\n")
-            lines.append(line[:-1] if line.endswith(b"\r") else line)
-        if len(self._buffer) > limits.TCP_TABLE_MAX_REQUEST_BYTES:
-            raise FrameError("tcp_table: request line too long", b"400 request%20too%20long\n")
-        return lines
+        try:
+            lines = split_lines(self._buffer, data, limits.TCP_TABLE_MAX_REQUEST_BYTES)
+        except LineTooLong:
+            raise FrameError("tcp_table: request line too long", b"400 request%20too%20long\n") from None
+        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
     def eof(self) -> list[bytes]:
         return []

@@ -58,3 +58,36 @@ class Service(Protocol):
     async def answer(self, request: Any) -> bytes | None:
         """Reply bytes for *request*; None closes the connection without a reply."""
         ...
+
+
+class LineTooLong(ValueError):
+    """A line (or the unfinished rest of one) exceeds the framer's limit."""
+
+
+def split_lines(buffer: bytearray, data: bytes, max_line: int) -> list[bytes]:
+    """Append *data* to *buffer*; remove and return every complete line (LF stripped).
+
+    The line-based framers (tcp_table, policy) share this; each turns
+    LineTooLong into its own FrameError.
+    """
+    buffer += data
+    lines: list[bytes] = []
+    while (end := buffer.find(b"\n")) >= 0:
+        if end > max_line:
+            raise LineTooLong
+        lines.append(bytes(buffer[:end]))
+        del buffer[: end + 1]
+    if len(buffer) > max_line:
+        raise LineTooLong
+    return lines
+
+
+def split_map_request(payload: bytes) -> tuple[str, str] | None:
+    """``<map> SP <key>`` as (map name, key), or None when malformed or not UTF-8."""
+    name, space, key = payload.partition(b" ")
+    if not space or not name:
+        return None
+    try:
+        return name.decode("ascii"), key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
