@@ -66,6 +66,7 @@ class LdapMapConfig:
     queue_size: int = 256
     catchall: bool = False
     failback_interval: float = 30.0
+    replica: bool = False
     type: Literal["ldap"] = "ldap"
 
 
@@ -281,6 +282,17 @@ def check_filter(template: str, path: str) -> None:
         raise _fail(path, f"is not a valid LDAP filter (RFC 4515): {exc}") from None
 
 
+def check_replica_filter(template: str, path: str) -> None:
+    """A replica can only stand in for filters that test the whole key for equality."""
+    from axpolicy.ldapwire import LdapWireError, compile_filter
+
+    try:
+        compile_filter(template).replica_plan()
+    except LdapWireError as exc:
+        raise _fail(path, f"the filter cannot be replicated: {exc}; use per-key searches (replica: false) "
+                          "or a filter like (|(mail=%s)(mailAlternateAddress=%s))") from None
+
+
 def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapMapConfig:
     _known(raw, _LDAP_KEYS, path)
     servers_raw = raw.get("servers")
@@ -305,7 +317,7 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
         raise _fail(f"{path}.base", "required")
     fields: dict[str, Any] = {"name": name, "servers": tuple(servers),
                               "base": _str(raw["base"], f"{path}.base", empty=True)}
-    for key in ("start_tls", "catchall"):
+    for key in ("start_tls", "catchall", "replica"):
         if key in raw:
             fields[key] = _bool(raw[key], f"{path}.{key}")
     if raw.get("ca_file") is not None:
@@ -338,6 +350,8 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
     if "filter" in raw:
         fields["filter"] = _str(raw["filter"], f"{path}.filter")
     check_filter(fields.get("filter", DEFAULT_FILTER), f"{path}.filter")
+    if fields.get("replica"):
+        check_replica_filter(fields.get("filter", DEFAULT_FILTER), f"{path}.replica")
     if "host_attribute" in raw:
         attr = _str(raw["host_attribute"], f"{path}.host_attribute")
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", attr):

@@ -191,6 +191,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        self.router.start()
         for listener in self.listeners:
             await listener.start()
         metrics = None
@@ -250,6 +251,7 @@ class Daemon:
         except FileMapError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
             return False
+        router.start()
         if new.log != self.config.log:
             log.configure(new.log, stderr_ok=sys.stderr is not None and not sys.stderr.closed)
         for warning in warnings(new):

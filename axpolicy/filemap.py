@@ -193,5 +193,8 @@ class FileUserMap:
         logger.info("usermap %s: reloaded %s (%d entries)", self.name, self._path, self.size)
         return True
 
+    def start(self) -> None:
+        """Nothing runs in the background: changes are noticed at lookup time."""
+
     async def close(self) -> None:
         """Nothing to release."""

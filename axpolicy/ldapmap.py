@@ -60,12 +60,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import queue
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 
 import ldap3
 from ldap3.core import exceptions as ldap_errors
@@ -73,6 +76,7 @@ from ldap3.core import exceptions as ldap_errors
 from axpolicy import ldapwire, limits
 from axpolicy.address import valid_host
 from axpolicy.config import LdapMapConfig
+from axpolicy.ldapsync import Record, Replica
 from axpolicy.log import printable as _printable
 from axpolicy.result import NOTFOUND, LookupResult, found, temp
 
@@ -112,10 +116,14 @@ class _Slot:
     def drop(self) -> None:
         conn, self.conn, self.server = self.conn, None, None
         if conn is not None:
-            try:
-                conn.unbind()
-            except Exception:  # noqa: BLE001 - closing a broken socket may fail any way
-                pass
+            _unbind(conn)
+
+
+def _unbind(conn: ldap3.Connection) -> None:
+    try:
+        conn.unbind()
+    except Exception:  # noqa: BLE001 - closing a broken socket may fail any way
+        pass
 
 
 # Result codes for answers the server cut short (RFC 4511 appendix A).
@@ -169,7 +177,6 @@ class LdapUserMap:
     def __init__(self, cfg: LdapMapConfig) -> None:
         self.name = cfg.name
         self.catchall = cfg.catchall
-        self.cached = True
         self._cfg = cfg
         self._servers = [_Server(i, url, cfg) for i, url in enumerate(cfg.servers)]
         self._filter = ldapwire.compile_filter(cfg.filter)
@@ -189,11 +196,34 @@ class LdapUserMap:
         self.errors: dict[str, int] = {url: 0 for url in cfg.servers}
         self.failovers: dict[str, int] = {url: 0 for url in cfg.servers}  # times marked down
         self.overloaded = 0
+        self._found_hosts: dict[str, LookupResult] = {}
+        self.replica: Replica | None = None
+        if cfg.replica:
+            key_attributes, sync_filter = self._filter.replica_plan()
+            request = ldapwire.encode_sync_search(1000, cfg.base, cfg.scope, sync_filter,
+                                                  (*key_attributes, cfg.host_attribute))
+            self.replica = Replica(cfg.name, request, key_attributes, cfg.host_attribute, self._replica_connect,
+                                   self._evaluate, cfg.timeout)
+
+    @property
+    def cached(self) -> bool:
+        """Answers are worth caching unless a healthy replica answers from memory."""
+        return self.replica is None or not self.replica.ready
+
+    def start(self) -> None:
+        """Start the replica, if configured (on the event loop; idempotent)."""
+        if self.replica is not None and not self._closed:
+            self.replica.start()
 
     async def lookup(self, key: str) -> LookupResult:
         """Search for one exact key; FOUND, NOTFOUND or TEMP (never a guess)."""
         if self._closed:
             return temp("user map closed")
+        if self.replica is not None:
+            self.replica.start()
+            answer = self.replica.answer(key)
+            if answer is not None:
+                return answer
         if self._pending >= self._cfg.pool_size + self._cfg.queue_size:
             self.overloaded += 1
             logger.warning("usermap %s: %d lookups pending, refusing more", self.name, self._pending)
@@ -304,8 +334,10 @@ class LdapUserMap:
         return result
 
     def lookup_now(self, key: str) -> LookupResult | None:
-        """Never without I/O: the router's cache is the fast path for this map."""
-        return None
+        """The replica's answer while it is healthy; otherwise None (the router's cache is the fast path)."""
+        if self.replica is None:
+            return None
+        return self.replica.answer(key)
 
     def _done(self) -> None:
         self._pending -= 1
@@ -316,6 +348,8 @@ class LdapUserMap:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
 
     def _shutdown(self) -> None:
+        if self.replica is not None:
+            self.replica.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
         for slot in self._all_slots:
             slot.drop()
@@ -432,7 +466,10 @@ class LdapUserMap:
             logger.warning("usermap %s: search for %s on %s ended with result %d %s", self.name,
                            _printable(key), server.url, code, _printable(diagnostic))
             return temp("user map search failed" if code not in _INCOMPLETE else "user map search incomplete")
-        return self._evaluate(answer.entries, key)
+        wanted = self._cfg.host_attribute.lower().encode("ascii")
+        records = [Record(entry.dn, (), tuple(v for name, vals in entry.attributes.items() if name.lower() == wanted
+                                              for v in vals)) for entry in answer.entries]
+        return self._evaluate(records, key)
 
     def _run_search(self, slot: _Slot, search_filter: bytes) -> tuple[tuple[int, bytes], _Answer]:
         """Send one SearchRequest on the slot's blocking socket; collect its answers (OSError on trouble)."""
@@ -451,33 +488,57 @@ class LdapUserMap:
             if done is not None:
                 return done, answer
 
-    def _evaluate(self, entries: list[ldapwire.Message], key: str) -> LookupResult:
+    def _evaluate(self, entries: list[Record], key: str, log: bool = True) -> LookupResult:
+        """The answer for the entries that match *key* (a search's, or the replica's)."""
         hosts: set[str] = set()
-        wanted = self._cfg.host_attribute.lower().encode("ascii")
         for entry in entries:
-            values = [v for name, vals in entry.attributes.items() if name.lower() == wanted for v in vals]
-            for raw in values:
+            for raw in entry.hosts:
                 try:
                     hosts.add(raw.decode("utf-8").strip().lower())
                 except UnicodeDecodeError:
-                    logger.warning("usermap %s: %s of %s is not UTF-8", self.name,
-                                   self._cfg.host_attribute, _printable(entry.dn))
+                    if log:
+                        logger.warning("usermap %s: %s of %s is not UTF-8", self.name,
+                                       self._cfg.host_attribute, _printable(entry.dn))
                     return temp("user map entry has a bad host")
-            if not values:
+            if not entry.hosts and log:
                 logger.warning("usermap %s: %s has no %s; treated as not found", self.name,
                                _printable(entry.dn), self._cfg.host_attribute)
         if not hosts:
             return NOTFOUND
         if len(hosts) > 1:
-            logger.warning("usermap %s: %d entries disagree on the host for %s", self.name, len(entries),
-                           _printable(key))
+            if log:
+                logger.warning("usermap %s: %d entries disagree on the host for %s", self.name, len(entries),
+                               _printable(key))
             return temp("user map entry is ambiguous")
         host = hosts.pop()
         if not valid_host(host):
-            logger.warning("usermap %s: host value %s is not a host name or address", self.name,
-                           _printable(host))
+            if log:
+                logger.warning("usermap %s: host value %s is not a host name or address", self.name,
+                               _printable(host))
             return temp("user map entry has a bad host")
-        return found(host)
+        return self._found(host)
+
+    def _found(self, host: str) -> LookupResult:
+        """One shared FOUND result per host: a replica holds one per key."""
+        result = self._found_hosts.get(host)
+        if result is None:
+            result = found(host)
+            if len(self._found_hosts) < 10000:
+                self._found_hosts[host] = result
+        return result
+
+    def _replica_connect(self) -> tuple[socket.socket, Callable[[], None], str]:
+        """An authenticated connection for the replica, to the first server that takes it (worker thread)."""
+        last_error = "no server"
+        for server in self._candidates():
+            try:
+                conn = self._connect(server)
+            except _Failure as exc:
+                last_error = str(exc)
+                self._mark_down(server, last_error)
+                continue
+            return conn.socket, functools.partial(_unbind, conn), server.url
+        raise OSError(last_error)
 
 
 def _describe(exc: Exception) -> str:

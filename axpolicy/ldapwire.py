@@ -20,6 +20,9 @@ PROTOCOL
     SearchRequest [APPLICATION 3]; SearchResultEntry [APPLICATION 4],
     SearchResultReference [APPLICATION 19], SearchResultDone
     [APPLICATION 5].  Definite lengths only (RFC 4511 section 5.1).
+    For the replica (:mod:`axpolicy.ldapsync`): the RFC 4533 Sync Request
+    control on a search, the Sync State control on entries and the Sync
+    Info message (IntermediateResponse [APPLICATION 25]).
 
 DIAGNOSTICS
     :class:`LdapWireError` for anything that does not decode; callers treat
@@ -96,6 +99,43 @@ class FilterTemplate:
 
     def encode(self, values: Mapping[str, bytes]) -> bytes:
         return _encode(self._root, values)
+
+    def replica_plan(self) -> tuple[tuple[str, ...], bytes]:
+        """(key attributes, filter for the whole set) for a replica, or LdapWireError.
+
+        A replica can stand in for per-key searches only when the filter
+        is an equality test of the whole key against one or more
+        attributes, optionally ANDed with tests that do not depend on the
+        key: ``(mail=%s)``, ``(|(mail=%s)(mailAlternateAddress=%s))``,
+        ``(&(objectClass=inetOrgPerson)(mail=%s))``.  The replica then
+        holds every entry that has one of the key attributes and passes
+        the fixed tests, indexed by those attributes' values.
+        """
+        node = self._root
+        fixed: tuple[_Node, ...] = ()
+        if node.tag == _AND:
+            keyed = [child for child in node.children if _has_placeholder(child)]
+            if len(keyed) != 1:
+                raise LdapWireError("an AND filter needs exactly one part that uses the key")
+            node = keyed[0]
+            fixed = tuple(child for child in self._root.children if child is not node)
+        items = node.children if node.tag == _OR else (node,)
+        attributes = []
+        for item in items:
+            if item.tag != _EQUAL or item.value != ("s",):
+                raise LdapWireError("only (attribute=%s) tests of the whole key can be replicated")
+            attributes.append(item.attribute.decode("ascii"))
+        present = tuple(_Node(_PRESENT, attribute=a.encode("ascii")) for a in attributes)
+        wanted = present[0] if len(present) == 1 else _Node(_OR, present)
+        whole = _Node(_AND, fixed + (wanted,)) if fixed else wanted
+        return tuple(attributes), _encode(whole, {})
+
+
+def _has_placeholder(node: _Node) -> bool:
+    if node.children:
+        return any(_has_placeholder(child) for child in node.children)
+    parts = node.value + tuple(part for _, pieces in node.substrings for part in pieces)
+    return any(isinstance(part, str) for part in parts)
 
 
 def compile_filter(template: str) -> FilterTemplate:
@@ -187,6 +227,27 @@ def encode_search(message_id: int, base: str, scope: str, filter_ber: bytes, att
     return SearchTemplate(base, scope, attribute, size_limit, time_limit).encode(message_id, filter_ber)
 
 
+SYNC_REQUEST_OID = b"1.3.6.1.4.1.4203.1.9.1.1"
+SYNC_STATE_OID = b"1.3.6.1.4.1.4203.1.9.1.2"
+SYNC_INFO_OID = b"1.3.6.1.4.1.4203.1.9.1.4"
+REFRESH_AND_PERSIST = 3
+
+
+def encode_sync_search(message_id: int, base: str, scope: str, filter_ber: bytes,
+                       attributes: tuple[str, ...]) -> bytes:
+    """A refreshAndPersist content synchronization search (RFC 4533), no cookie, no limits.
+
+    Without a cookie the server sends every entry, then a Sync Info
+    message that ends the refresh, then each change as it happens.
+    """
+    request = (_octets(base.encode("utf-8")) + _integer(0x0A, SCOPE[scope]) + _integer(0x0A, 0)
+               + _integer(0x02, 0) + _integer(0x02, 0) + _tlv(0x01, b"\x00") + filter_ber
+               + _tlv(0x30, b"".join(_octets(a.encode("ascii")) for a in attributes)))
+    control_value = _tlv(0x30, _integer(0x0A, REFRESH_AND_PERSIST))
+    control = _tlv(0x30, _octets(SYNC_REQUEST_OID) + _tlv(0x01, b"\xff") + _octets(control_value))
+    return _tlv(0x30, _integer(0x02, message_id) + _tlv(0x63, request) + _tlv(0xA0, control))
+
+
 # --------------------------------------------------------------------------
 # BER decoding of the answers
 
@@ -196,11 +257,14 @@ class Message:
     """One decoded LDAPMessage: what a search can get back."""
 
     message_id: int
-    kind: str                                   # "entry", "reference", "done", "other"
+    kind: str                                   # "entry", "reference", "done", "intermediate", "other"
     dn: bytes = b""
     attributes: dict[bytes, list[bytes]] = dataclasses.field(default_factory=dict)
     result_code: int = -1
     diagnostic: bytes = b""
+    controls: dict[bytes, bytes] = dataclasses.field(default_factory=dict)   # OID -> value
+    name: bytes = b""                           # IntermediateResponse name and value
+    value: bytes = b""
 
 
 def _read_tlv(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -251,12 +315,96 @@ def decode_message(data: bytes) -> Message:
     message_id = int.from_bytes(data[value:pos], "big", signed=True)
     op, op_start, op_end = _read_tlv(data, pos, end)
     if op == 0x64:
-        return _entry(message_id, data, op_start, op_end)
-    if op == 0x65:
-        return _result(message_id, data, op_start, op_end)
-    if op == 0x73:
-        return Message(message_id, "reference")
-    return Message(message_id, "other")
+        message = _entry(message_id, data, op_start, op_end)
+    elif op == 0x65:
+        message = _result(message_id, data, op_start, op_end)
+    elif op == 0x73:
+        message = Message(message_id, "reference")
+    elif op == 0x79:
+        message = _intermediate(message_id, data, op_start, op_end)
+    else:
+        return Message(message_id, "other")
+    if op_end < end:
+        _controls(message, data, op_end, end)
+    return message
+
+
+def _controls(message: Message, data: bytes, pos: int, end: int) -> None:
+    tag, pos, end = _read_tlv(data, pos, end)
+    if tag != 0xA0:
+        raise LdapWireError("unexpected element after the operation")
+    while pos < end:
+        tag, c_pos, c_end = _read_tlv(data, pos, end)
+        tag, oid_start, oid_end = _read_tlv(data, c_pos, c_end)
+        value = b""
+        inner = oid_end
+        while inner < c_end:
+            tag, v_start, v_end = _read_tlv(data, inner, c_end)
+            if tag == 0x04:
+                value = data[v_start:v_end]
+            inner = v_end
+        message.controls[data[oid_start:oid_end]] = value
+        pos = c_end
+
+
+def _intermediate(message_id: int, data: bytes, pos: int, end: int) -> Message:
+    message = Message(message_id, "intermediate")
+    while pos < end:
+        tag, v_start, v_end = _read_tlv(data, pos, end)
+        if tag == 0x80:
+            message.name = data[v_start:v_end]
+        elif tag == 0x81:
+            message.value = data[v_start:v_end]
+        pos = v_end
+    return message
+
+
+def decode_sync_state(value: bytes) -> tuple[int, bytes]:
+    """(state, entryUUID) from a Sync State control: present 0, add 1, modify 2, delete 3."""
+    tag, pos, end = _read_tlv(value, 0, len(value))
+    tag, s_start, s_end = _read_tlv(value, pos, end)
+    if tag != 0x0A:
+        raise LdapWireError("bad sync state")
+    tag, u_start, u_end = _read_tlv(value, s_end, end)
+    if tag != 0x04:
+        raise LdapWireError("bad sync state uuid")
+    return int.from_bytes(value[s_start:s_end], "big"), value[u_start:u_end]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SyncInfo:
+    """A Sync Info message: which kind, whether the refresh is done, UUIDs of a syncIdSet."""
+
+    kind: int                         # 0 newcookie, 1 refreshDelete, 2 refreshPresent, 3 syncIdSet
+    refresh_done: bool = True
+    refresh_deletes: bool = False
+    uuids: tuple[bytes, ...] = ()
+
+
+def decode_sync_info(value: bytes) -> SyncInfo:
+    tag, pos, end = _read_tlv(value, 0, len(value))
+    kind = tag & 0x1F
+    if tag == 0x80:
+        return SyncInfo(0)
+    if tag not in (0xA1, 0xA2, 0xA3):
+        raise LdapWireError("unknown sync info")
+    refresh_done, refresh_deletes, uuids = True, False, []
+    while pos < end:
+        inner, v_start, v_end = _read_tlv(value, pos, end)
+        if inner == 0x01:
+            flag = value[v_start:v_end] != b"\x00"
+            if kind == 3:
+                refresh_deletes = flag
+            else:
+                refresh_done = flag
+        elif inner == 0x31:
+            item = v_start
+            while item < v_end:
+                _, u_start, u_end = _read_tlv(value, item, v_end)
+                uuids.append(value[u_start:u_end])
+                item = u_end
+        pos = v_end
+    return SyncInfo(kind, refresh_done, refresh_deletes, tuple(uuids))
 
 
 def _entry(message_id: int, data: bytes, pos: int, end: int) -> Message:

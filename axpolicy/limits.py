@@ -77,3 +77,11 @@ POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0
 # LDAP: the largest answer one search may produce (LDAP_SIZE_LIMIT entries
 # with one host attribute each fit many times over).
 LDAP_MAX_RESPONSE_BYTES = 1024 * 1024
+
+# Replica (RFC 4533): a silent sync connection is probed after this long,
+# and must answer within the map's timeout.
+REPLICA_PROBE_SECONDS = 5.0
+# After a lost session: reconnect after 1 s, doubling up to 30 s while the
+# server keeps failing.
+REPLICA_RETRY_MIN_SECONDS = 1.0
+REPLICA_RETRY_MAX_SECONDS = 30.0

@@ -20,6 +20,10 @@ METRICS
     axpolicy_ldap_errors_total{usermap,server}
     axpolicy_ldap_failovers_total{usermap,server}  (times a server was skipped)
     axpolicy_ldap_overloaded_total{usermap}
+    axpolicy_replica_ready{usermap}  (1 while the replica answers)
+    axpolicy_replica_entries{usermap}
+    axpolicy_replica_refreshes_total{usermap}, axpolicy_replica_updates_total{usermap},
+    axpolicy_replica_losses_total{usermap}
     axpolicy_connections{listener,protocol}  (open now)
     axpolicy_protocol_errors_total{listener,protocol}
     axpolicy_config_info{digest}  (always 1)
@@ -97,6 +101,7 @@ class _Collector:
                 failovers.add_metric([name, server], usermap.failovers[server])
             overloaded.add_metric([name], usermap.overloaded)
         yield from (searches, errors, failovers, overloaded)
+        yield from self._replicas(router)
         connections = GaugeMetricFamily("axpolicy_connections", "Open client connections",
                                         labels=["listener", "protocol"])
         protocol_errors = CounterMetricFamily("axpolicy_protocol_errors", "Connections closed for protocol errors",
@@ -110,6 +115,25 @@ class _Collector:
         info = GaugeMetricFamily("axpolicy_config_info", "Digest of the effective configuration", labels=["digest"])
         info.add_metric([digest], 1)
         yield info
+
+
+    @staticmethod
+    def _replicas(router: Router) -> Iterator[Metric]:
+        ready = GaugeMetricFamily("axpolicy_replica_ready", "1 while the replica answers lookups", labels=["usermap"])
+        entries = GaugeMetricFamily("axpolicy_replica_entries", "Entries in the replica", labels=["usermap"])
+        refreshes = CounterMetricFamily("axpolicy_replica_refreshes", "Complete refreshes", labels=["usermap"])
+        updates = CounterMetricFamily("axpolicy_replica_updates", "Changes applied", labels=["usermap"])
+        losses = CounterMetricFamily("axpolicy_replica_losses", "Sync sessions lost", labels=["usermap"])
+        for name, usermap in sorted(router.usermaps.items()):
+            replica = usermap.replica if isinstance(usermap, LdapUserMap) else None
+            if replica is None:
+                continue
+            ready.add_metric([name], 1 if replica.ready else 0)
+            entries.add_metric([name], replica.entries)
+            refreshes.add_metric([name], replica.refreshes)
+            updates.add_metric([name], replica.updates)
+            losses.add_metric([name], replica.losses)
+        yield from (ready, entries, refreshes, updates, losses)
 
 
 class MetricsServer:

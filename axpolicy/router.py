@@ -92,6 +92,11 @@ class Router:
             cache = LookupCache(config.cache)
         return cls(config, usermaps, cache)
 
+    def start(self) -> None:
+        """Start the user maps' background work (replicas); on the event loop."""
+        for usermap in self.usermaps.values():
+            usermap.start()
+
     async def close(self, keep: Router | None = None) -> None:
         """Close every user map that *keep* (the router replacing this one) does not use."""
         kept = {id(m) for m in keep.usermaps.values()} if keep is not None else set()

@@ -18,7 +18,15 @@ class UserMap(Protocol):
 
     name: str
     catchall: bool  # whether ``@domain`` keys are worth asking
-    cached: bool    # whether the router's cache should keep its answers
+
+    @property
+    def cached(self) -> bool:
+        """Whether the router's cache should keep its answers (may change while running)."""
+        ...
+
+    def start(self) -> None:
+        """Start background work (a replica); called on the event loop, idempotent."""
+        ...
 
     async def lookup(self, key: str) -> LookupResult:
         """Answer one exact key: FOUND, NOTFOUND or TEMP."""

@@ -82,6 +82,7 @@ class Bench:
                            f"bind_dn = {BIND_DN}\nbind_pw = {BIND_PW}\nversion = 3\n")
         self.native = f"ldap:{ldap_cf}"
         self.axpolicy = self._axpolicy()
+        self.replica = self._axpolicy(replica=True)
         secret = self.workdir / "postsrsd.secret"
         secret.write_text("benchmark-secret\n")
         self.postsrsd_port = free_port()
@@ -91,13 +92,14 @@ class Bench:
         self.stack.callback(lambda: (proc.terminate(), proc.wait()))
         wait_port(self.postsrsd_port)
 
-    def _axpolicy(self, cache: dict[str, Any] | None = None) -> Axpolicy:
+    def _axpolicy(self, cache: dict[str, Any] | None = None, replica: bool = False) -> Axpolicy:
         config = {
             "user": "root",
             "log": {"target": "stderr", "level": "info"},
             "usermaps": {"people": {"type": "ldap", "servers": [self.slapd.url], "bind_dn": BIND_DN,
                                     "bind_password": BIND_PW, "base": PEOPLE, "filter": FILTER,
-                                    "host_attribute": "mailHost", "timeout": 3, "pool_size": 4}},
+                                    "host_attribute": "mailHost", "timeout": 3, "pool_size": 4,
+                                    "replica": replica}},
             "recipient_delimiter": "+",
             "cache": cache or {"ttl": 3600, "negative_ttl": 3600, "stale_if_error": 3600, "max_entries": 200000},
             "listen": [{"protocol": "socketmap", "address": f"inet:127.0.0.1:{free_port()}"},
@@ -109,11 +111,20 @@ class Bench:
         server = Axpolicy(self.workdir / f"axpolicy-{time.monotonic_ns()}", config)
         server.start()
         self.stack.callback(server.stop)
+        if replica:
+            wait_replica(server, 1)
         return server
 
     def restart_axpolicy(self) -> None:
         self.axpolicy.stop()
         self.axpolicy.start()
+
+    def restart_replica(self) -> None:
+        """A fresh daemon whose replica has completed its refresh: nothing is cached."""
+        done = self.replica.log.count("replica ready")
+        self.replica.stop()
+        self.replica.start()
+        wait_replica(self.replica, done + 1)
 
     # -- clients ------------------------------------------------------------
 
@@ -169,6 +180,11 @@ class Bench:
         measure("axpolicy socketmap: warm cache", self.socketmap(), lambda: keys, host_of)
         measure("axpolicy tcp: warm cache", self.tcp(), lambda: keys, host_of)
         measure("axpolicy socketmap: unknown keys", self.socketmap(), self.unknown_keys, lambda k: None)
+        replica = f"socketmap:{self.replica.address('socketmap')}:mailhost"
+        measure("axpolicy socketmap + replica: new keys", replica, lambda: keys, host_of,
+                before=self.restart_replica)
+        measure("axpolicy socketmap + replica: unknown keys", replica, self.unknown_keys, lambda k: None,
+                before=self.restart_replica)
         measure("postsrsd tcp: (protocol floor)", f"tcp:127.0.0.1:{self.postsrsd_port}", lambda: keys,
                 lambda k: k)   # its own domain: answered unchanged (200)
         base = statistics.median(cases["native ldap: (found)"])
@@ -348,11 +364,16 @@ class Bench:
         batch = every[:entries]
         _, output = self.postmap(f"socketmap:{server.address('socketmap')}:mailhost", batch)
         self.check("footprint", batch, output, host_of)
+        self.restart_replica()
+        refresh = re.findall(r"replica ready, (\d+) entries \(refresh took ([0-9.]+)s\)", self.replica.log)[-1]
         self.results["footprint"] = {
             "start_to_first_answer_seconds": round(statistics.median(starts), 3),
             "rss_idle_mib": round(rss_idle / 1024, 1),
             "cached_entries": entries,
             "rss_with_cache_mib": round(rss_kib(server) / 1024, 1),
+            "replica_entries": int(refresh[0]),
+            "replica_refresh_seconds": float(refresh[1]),
+            "rss_with_replica_mib": round(rss_kib(self.replica) / 1024, 1),
         }
 
     def run(self) -> None:
@@ -377,6 +398,15 @@ def _answers(address: str) -> bool:
         return False
     finally:
         sock.close()
+
+
+def wait_replica(server: Axpolicy, times: int, timeout: float = 300) -> None:
+    """Until the daemon's log says its replica completed its *times*-th refresh."""
+    deadline = time.monotonic() + timeout
+    while server.log.count("replica ready") < times:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replica not ready:\n{server.log[-2000:]}")
+        time.sleep(0.05)
 
 
 def rss_kib(server: Axpolicy) -> int:

@@ -41,6 +41,7 @@ pidfile {run}/slapd.pid
 argsfile {run}/slapd.args
 modulepath {modules}
 moduleload back_mdb
+moduleload syncprov
 sizelimit 500
 database mdb
 maxsize 1073741824
@@ -51,7 +52,9 @@ directory {run}/db
 index objectClass eq
 index mail,mailAlternateAddress eq
 index mailHost pres,eq
-access to attrs=userPassword
+index entryUUID,entryCSN eq
+limits dn.exact="{binddn}" size=unlimited time=unlimited
+{syncprov}access to attrs=userPassword
   by anonymous auth
   by * none
 access to *
@@ -100,7 +103,8 @@ def make_certificates(workdir: Path) -> Path:
 class Slapd:
     """One private slapd; see the module docstring."""
 
-    def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False) -> None:
+    def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False,
+                 syncprov: bool = True) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.tls_port = free_port() if tls else None
@@ -110,7 +114,8 @@ class Slapd:
         (workdir / "db").mkdir(exist_ok=True)
         self.conf = workdir / "slapd.conf"
         conf = _CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
-                            suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW)
+                            suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, binddn=BIND_DN,
+                            syncprov="overlay syncprov\n" if syncprov else "")
         if tls:
             self.ca_file = make_certificates(workdir)
             conf = (f"TLSCACertificateFile {workdir}/ca.pem\nTLSCertificateFile {workdir}/server.pem\n"

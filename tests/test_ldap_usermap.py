@@ -267,6 +267,9 @@ class CountingMap:
     def lookup_now(self, key: str) -> LookupResult | None:
         return self.inner.lookup_now(key)  # type: ignore[no-any-return]
 
+    def start(self) -> None:
+        self.inner.start()
+
     async def lookup(self, key: str) -> LookupResult:
         self.calls += 1
         return await self.inner.lookup(key)

@@ -10,7 +10,18 @@ from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 from pyasn1.codec.ber import encoder
 
-from axpolicy.ldapwire import LdapWireError, compile_filter, decode_message, encode_search, frame_length
+from axpolicy.ldapwire import (
+    SYNC_STATE_OID,
+    LdapWireError,
+    SyncInfo,
+    compile_filter,
+    decode_message,
+    decode_sync_info,
+    decode_sync_state,
+    encode_search,
+    encode_sync_search,
+    frame_length,
+)
 
 TEMPLATES = [
     "(mail=%s)",
@@ -102,3 +113,57 @@ def test_decoder_only_ever_raises_its_own_error(data: bytes) -> None:
         frame_length(data)
     except LdapWireError:
         pass
+
+
+# --------------------------------------------------------------------------
+# The replica's part: which filters it can stand in for, and what it asks
+
+
+@pytest.mark.parametrize(("template", "attributes", "whole"), [
+    ("(mail=%s)", ("mail",), "(mail=*)"),
+    ("(|(mail=%s)(mailAlternateAddress=%s))", ("mail", "mailAlternateAddress"),
+     "(|(mail=*)(mailAlternateAddress=*))"),
+    ("(&(objectClass=inetOrgPerson)(!(accountStatus=disabled))(mail=%s))", ("mail",),
+     "(&(objectClass=inetOrgPerson)(!(accountStatus=disabled))(mail=*))"),
+])
+def test_replica_plan_keeps_the_fixed_tests_and_asks_for_every_key_holder(
+        template: str, attributes: tuple[str, ...], whole: str) -> None:
+    assert compile_filter(template).replica_plan() == (attributes, ldap3_ber(whole, {}))
+
+
+@pytest.mark.parametrize("template", [
+    "(uid=%u)", "(mail=%u@%d)", "(mail=x%s)", "(mail=%s*)", "(&(mail=%s)(uid=%s))", "(!(mail=%s))",
+    "(|(mail=%s)(uid=fixed))", "(mail>=%s)",
+])
+def test_replica_plan_refuses_filters_it_cannot_evaluate_in_memory(template: str) -> None:
+    with pytest.raises(LdapWireError):
+        compile_filter(template).replica_plan()
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    """Short-form BER element (test values stay under 128 bytes)."""
+    assert len(value) < 128
+    return bytes((tag, len(value))) + value
+
+
+def test_sync_search_carries_a_critical_refresh_and_persist_control() -> None:
+    request = encode_sync_search(1000, "ou=people,dc=example,dc=com", "sub", ldap3_ber("(mail=*)", {}),
+                                 ("mail", "mailHost"))
+    mode = tlv(0x30, tlv(0x0A, b"\x03"))                       # refreshAndPersist, no cookie
+    control = tlv(0x30, tlv(0x04, b"1.3.6.1.4.1.4203.1.9.1.1") + tlv(0x01, b"\xff") + tlv(0x04, mode))
+    assert request.endswith(tlv(0xA0, control))
+    assert frame_length(request) == len(request)
+
+
+def test_sync_state_and_sync_info_decode() -> None:
+    uuid = bytes(range(16))
+    state = tlv(0x30, tlv(0x0A, b"\x03") + tlv(0x04, uuid))      # delete
+    control = tlv(0x30, tlv(0x04, SYNC_STATE_OID) + tlv(0x04, state))
+    entry = tlv(0x30, tlv(0x02, b"\x07") + tlv(0x64, tlv(0x04, b"dn") + tlv(0x30, b"")) + tlv(0xA0, control))
+    message = decode_message(entry)
+    assert (message.kind, message.dn) == ("entry", b"dn")
+    assert decode_sync_state(message.controls[SYNC_STATE_OID]) == (3, uuid)
+    assert decode_sync_info(tlv(0xA2, tlv(0x01, b"\xff"))) == SyncInfo(2, refresh_done=True)
+    assert decode_sync_info(tlv(0xA1, b"")) == SyncInfo(1, refresh_done=True)
+    assert decode_sync_info(tlv(0xA3, tlv(0x01, b"\xff") + tlv(0x31, tlv(0x04, uuid)))) == SyncInfo(
+        3, refresh_deletes=True, uuids=(uuid,))
