@@ -26,7 +26,7 @@ class LookupCache:
 
     def __init__(self, cfg: CacheConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self._cfg = cfg
-        self._clock = clock
+        self.clock = clock
         # A plain dict keeps insertion order and is smaller than an
         # OrderedDict; "most recently used" = re-inserted at the end.
         self._entries: dict[Hashable, tuple[LookupResult, float]] = {}
@@ -44,16 +44,21 @@ class LookupCache:
         *count_miss* is False for a fast-path probe that is followed by a
         real lookup, so that a miss is counted once.
         """
+        hit = self.get_until(key, count_miss)
+        return None if hit is None else hit[0]
+
+    def get_until(self, key: Hashable, count_miss: bool = True) -> tuple[LookupResult, float] | None:
+        """The fresh answer for *key* and until when it stays fresh (clock time), or None."""
         item = self._entries.get(key)
         if item is not None:
             result, stored = item
             ttl = self._cfg.ttl if result.status is Status.FOUND else self._cfg.negative_ttl
-            if self._clock() - stored < ttl:
+            if self.clock() - stored < ttl:
                 entries = self._entries
                 del entries[key]
                 entries[key] = item
                 self.hits += 1
-                return result
+                return result, stored + ttl
         if count_miss:
             self.misses += 1
         return None
@@ -64,7 +69,7 @@ class LookupCache:
         if item is None:
             return None
         result, stored = item
-        if self._clock() - stored >= self._cfg.stale_if_error:
+        if self.clock() - stored >= self._cfg.stale_if_error:
             del self._entries[key]
             return None
         self.stale += 1
@@ -76,7 +81,7 @@ class LookupCache:
             return
         entries = self._entries
         entries.pop(key, None)
-        entries[key] = (result, self._clock())
+        entries[key] = (result, self.clock())
         while len(entries) > self._cfg.max_entries:
             del entries[next(iter(entries))]
 

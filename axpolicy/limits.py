@@ -78,6 +78,10 @@ POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0
 # with one host attribute each fit many times over).
 LDAP_MAX_RESPONSE_BYTES = 1024 * 1024
 
+# Replies to whole table requests kept per listener (axpolicy/replay.py);
+# about 200 bytes each.
+REPLY_MEMO_ENTRIES = 32768
+
 # Replica (RFC 4533): a silent sync connection is probed after this long,
 # and must answer within the map's timeout.
 REPLICA_PROBE_SECONDS = 5.0

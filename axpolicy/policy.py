@@ -134,7 +134,11 @@ class PolicyService:
             return self._unmapped
         return self._tempfail
 
-    def answer_now(self, request: Request) -> bytes | None:
+    def replay(self, data: bytes) -> bytes | None:
+        """Never: every policy request carries its own instance and client attributes."""
+        return None
+
+    def answer_now(self, request: Request, whole: bytes | None = None) -> bytes | None:
         """The reply if it needs no I/O (other states, cache hits), else None."""
         if request.get("request") != "smtpd_access_policy":
             return None   # the slow path logs and closes

@@ -98,7 +98,11 @@ class ReadsocketService:
     def framer(self) -> _Framer:
         return _Framer()
 
-    def answer_now(self, request: bytes) -> bytes | None:
+    def replay(self, data: bytes) -> bytes | None:
+        """Never: Exim opens a connection per request, which costs far more than the answer."""
+        return None
+
+    def answer_now(self, request: bytes, whole: bytes | None = None) -> bytes | None:
         """The reply if the router knows it without I/O, else None."""
         started = time.perf_counter()
         parts = split_map_request(request)

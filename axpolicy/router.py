@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Mapping
 
 from axpolicy.address import AddressError, normalize_domain, parse, search_keys
@@ -132,13 +133,31 @@ class Router:
         domain map) is answered in the same event-loop callback that read
         the request, without a task.
         """
+        fresh = self.query_fresh(map_name, key)
+        return None if fresh is None else fresh[0]
+
+    def query_fresh(self, map_name: str, key: str) -> tuple[LookupResult, float] | None:
+        """:meth:`query_now`, and until when (cache clock) the answer cannot change.
+
+        0 when it could change at any moment (file maps, replicas);
+        infinity when only a reload could change it (domain maps, domains
+        outside ``domains``).  :mod:`axpolicy.replay` keeps replies that
+        long.
+        """
         spec = self.config.maps.get(map_name)
-        if spec is None or spec.type == "domain":
+        if spec is None:
             return None
-        result = self.resolve_now(key, spec.usermap)
-        if result is not None and result.status is Status.FOUND:
-            return self._formatted(spec.name, spec.result, result.value)
-        return result
+        if spec.type == "domain":
+            try:
+                domain = normalize_domain(key)
+            except AddressError:
+                return None
+            domains = self.config.domains or frozenset()
+            return (found(expand_template(spec.result, "")) if domain in domains else NOTFOUND), math.inf
+        fresh = self.resolve_fresh(key, spec.usermap)
+        if fresh is not None and fresh[0].status is Status.FOUND:
+            return self._formatted(spec.name, spec.result, fresh[0].value), fresh[1]
+        return fresh
 
     def _formatted(self, map_name: str, template: str, host: str) -> LookupResult:
         # Few distinct hosts: remember each map's answer for each host.
@@ -151,6 +170,11 @@ class Router:
 
     def resolve_now(self, address: str, usermap: str | None = None) -> LookupResult | None:
         """:meth:`resolve` without waiting: FOUND or NOTFOUND if known now, else None."""
+        fresh = self.resolve_fresh(address, usermap)
+        return None if fresh is None else fresh[0]
+
+    def resolve_fresh(self, address: str, usermap: str | None = None) -> tuple[LookupResult, float] | None:
+        """:meth:`resolve_now`, and until when the answer cannot change (see :meth:`query_fresh`)."""
         name = usermap or self.config.default_usermap
         target = self.usermaps.get(name)
         if target is None:
@@ -158,16 +182,23 @@ class Router:
         keys = _plan(address, self.config.recipient_delimiter, target.catchall, self.config.domains)
         if keys is _NOT_A_USER:
             return None   # rare; the slow path logs it
+        until = math.inf
         for key in keys:
             if target.cached:
-                result = self.cache.get(f"{name}\x00{key}", count_miss=False)
+                hit = self.cache.get_until(f"{name}\x00{key}", count_miss=False)
+                if hit is None:
+                    return None
+                result, expires = hit
+                if expires < until:
+                    until = expires
             else:
-                result = target.lookup_now(key)
-            if result is None:
-                return None
+                now = target.lookup_now(key)
+                if now is None:
+                    return None
+                result, until = now, 0.0
             if result.status is not Status.NOTFOUND:
-                return result
-        return NOTFOUND
+                return result, until
+        return NOTFOUND, until
 
     async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
         """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.

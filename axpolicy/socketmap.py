@@ -33,6 +33,7 @@ import time
 
 from axpolicy import limits, netstring
 from axpolicy.log import printable
+from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
@@ -87,22 +88,31 @@ class SocketmapService:
 
     def __init__(self, router: Router) -> None:
         self._router = router
+        self._memo = ReplyMemo(self.protocol, router.cache)
 
     def framer(self) -> _Framer:
         return _Framer()
 
-    def answer_now(self, payload: bytes) -> bytes | None:
+    def replay(self, data: bytes) -> bytes | None:
+        return self._memo.get(data)
+
+    def answer_now(self, payload: bytes, whole: bytes | None = None) -> bytes | None:
         """The reply if the router knows it without I/O (cache, file map), else None."""
         started = time.perf_counter()
         request = split_map_request(payload)
         if request is None:
             return None   # the slow path says why
         map_name, text = request
-        result = self._router.query_now(map_name, text)
-        if result is None:
+        fresh = self._router.query_fresh(map_name, text)
+        if fresh is None:
             return None
-        STATS.record("socketmap", map_name, OUTCOME[result.status], time.perf_counter() - started)
-        return netstring.encode(reply_payload(result))
+        result, until = fresh
+        outcome = OUTCOME[result.status]
+        STATS.record("socketmap", map_name, outcome, time.perf_counter() - started)
+        reply = netstring.encode(reply_payload(result))
+        if whole is not None:
+            self._memo.put(whole, reply, until, map_name, outcome)
+        return reply
 
     async def answer(self, payload: bytes) -> bytes:
         started = time.perf_counter()

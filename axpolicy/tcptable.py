@@ -30,6 +30,7 @@ import time
 
 from axpolicy import limits
 from axpolicy.log import printable
+from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
@@ -108,11 +109,15 @@ class TcpTableService:
     def __init__(self, router: Router, map_name: str) -> None:
         self._router = router
         self._map = map_name
+        self._memo = ReplyMemo(self.protocol, router.cache)
 
     def framer(self) -> _Framer:
         return _Framer()
 
-    def answer_now(self, line: bytes) -> bytes | None:
+    def replay(self, data: bytes) -> bytes | None:
+        return self._memo.get(data)
+
+    def answer_now(self, line: bytes, whole: bytes | None = None) -> bytes | None:
         """The reply if the router knows it without I/O, else None."""
         started = time.perf_counter()
         command, space, argument = line.partition(b" ")
@@ -122,11 +127,16 @@ class TcpTableService:
             key = unquote(argument).decode("utf-8")
         except (QuoteError, UnicodeDecodeError):
             return None
-        result = self._router.query_now(self._map, key)
-        if result is None:
+        fresh = self._router.query_fresh(self._map, key)
+        if fresh is None:
             return None
-        STATS.record("tcp_table", self._map, OUTCOME[result.status], time.perf_counter() - started)
-        return reply_line(result)
+        result, until = fresh
+        outcome = OUTCOME[result.status]
+        STATS.record("tcp_table", self._map, outcome, time.perf_counter() - started)
+        reply = reply_line(result)
+        if whole is not None:
+            self._memo.put(whole, reply, until, self._map, outcome)
+        return reply
 
     async def answer(self, line: bytes) -> bytes:
         started = time.perf_counter()

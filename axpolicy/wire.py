@@ -51,8 +51,16 @@ class Service(Protocol):
     def framer(self) -> Framer:
         ...
 
-    def answer_now(self, request: Any) -> bytes | None:
-        """Reply bytes if they are known without I/O (the fast path), else None."""
+    def replay(self, data: bytes) -> bytes | None:
+        """The reply if *data*, as read, is one whole request answered before and still current."""
+        ...
+
+    def answer_now(self, request: Any, whole: bytes | None = None) -> bytes | None:
+        """Reply bytes if they are known without I/O (the fast path), else None.
+
+        *whole* is the bytes read when they held exactly this request: a
+        service may keep the reply for :meth:`replay`.
+        """
         ...
 
     async def answer(self, request: Any) -> bytes | None:

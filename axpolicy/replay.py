@@ -1,0 +1,71 @@
+"""Replies to whole requests, kept while the answer behind them is certain not to change.
+
+DESCRIPTION
+    Postfix asks table servers one key at a time and waits for each
+    answer, so every microsecond a cached answer spends in Python is a
+    microsecond of every lookup (docs/benchmarks.rst).  For the table
+    protocols (socketmap, tcp_table) the same request bytes always ask the
+    same question, so a connection whose read holds exactly one complete
+    request can look its reply up by those bytes, skipping framing,
+    address parsing, the search plan, the cache and reply encoding.
+
+    An entry is only ever made from an answer that came from the router's
+    cache (or from the configuration, for domain maps), and only until the
+    earliest moment any cache entry behind it stops being fresh: until
+    then the router would give the same answer by construction.  Answers
+    that can change at any moment -- file maps, replicas -- are never
+    kept.  A reload makes new services and so a new, empty memo.
+
+LIMITS
+    ``limits.REPLY_MEMO_ENTRIES`` entries per listener; the oldest goes
+    first.  A hit is counted as a cache hit and as a request in the
+    metrics, with its own latency.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from axpolicy import limits
+from axpolicy.cache import LookupCache
+from axpolicy.stats import STATS
+
+
+class ReplyMemo:
+    """Request bytes -> (reply bytes, fresh until, metrics key)."""
+
+    def __init__(self, protocol: str, cache: LookupCache) -> None:
+        self._protocol = protocol
+        self._cache = cache
+        self._clock: Callable[[], float] = cache.clock
+        self._requests = STATS.requests
+        self._latency = STATS.latency[protocol]
+        self._entries: dict[bytes, tuple[bytes, float, tuple[str, str, str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, request: bytes) -> bytes | None:
+        """The reply to *request* (one whole request, as read), or None."""
+        started = time.perf_counter()
+        item = self._entries.get(request)
+        if item is None:
+            return None
+        reply, until, key = item
+        if self._clock() >= until:
+            del self._entries[request]
+            return None
+        self._cache.hits += 1
+        self._requests[key] += 1
+        self._latency.observe(time.perf_counter() - started)
+        return reply
+
+    def put(self, request: bytes, reply: bytes, until: float, map_name: str, outcome: str) -> None:
+        """Remember *reply* for *request* until *until* (the cache's clock)."""
+        if until <= self._clock():
+            return
+        entries = self._entries
+        if len(entries) >= limits.REPLY_MEMO_ENTRIES:
+            del entries[next(iter(entries))]
+        entries[request] = (reply, until, (self._protocol, map_name, outcome))
