@@ -34,12 +34,17 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-@pytest.fixture(scope="session")
-def slapd_primary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    server = Slapd(tmp_path_factory.mktemp("slapd-primary"), seed_ldif())
+def own_slapd(tmp_path_factory: pytest.TempPathFactory, name: str, **options: Any) -> Iterator[Slapd]:
+    """A running slapd with the test directory, destroyed afterwards (for fixtures)."""
+    server = Slapd(tmp_path_factory.mktemp(name), seed_ldif(), **options)
     server.start()
     yield server
     server.destroy()
+
+
+@pytest.fixture(scope="session")
+def slapd_primary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    yield from own_slapd(tmp_path_factory, "slapd-primary")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from axpolicy.replay import ReplyMemo
 from axpolicy.result import NOTFOUND, found
 from axpolicy.router import Router
 from axpolicy.stats import STATS
-from tests.conftest import ldap_map, postmap, seed_ldif
+from tests.conftest import ldap_map, own_slapd, postmap
 from tests.daemon import Axpolicy
 from tests.slapd import PEOPLE, Slapd, free_port
 from tests.test_cache import make
@@ -90,10 +90,8 @@ def test_the_router_says_how_long_each_answer_holds(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    server = Slapd(tmp_path_factory.mktemp("slapd-replay"), seed_ldif())
-    server.start()
-    yield server
-    server.destroy()
+    """A directory of its own: this module changes entries."""
+    yield from own_slapd(tmp_path_factory, "slapd-replay")
 
 
 def wait_for(check: Any, seconds: float = 30.0) -> None:

@@ -22,7 +22,7 @@ import pytest
 from axpolicy import config
 from axpolicy.ldapmap import LdapUserMap
 from axpolicy.result import NOTFOUND, LookupResult, Status
-from tests.conftest import ldap_map, postmap, run, seed_ldif
+from tests.conftest import ldap_map, own_slapd, postmap, run
 from tests.daemon import Axpolicy
 from tests.slapd import PEOPLE, Slapd, free_port
 
@@ -39,10 +39,7 @@ KEYS = [
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     """A directory of its own: these tests add, change and delete entries."""
-    server = Slapd(tmp_path_factory.mktemp("slapd-replica"), seed_ldif())
-    server.start()
-    yield server
-    server.destroy()
+    yield from own_slapd(tmp_path_factory, "slapd-replica")
 
 
 @pytest.fixture
@@ -53,10 +50,7 @@ def slapd_r(directory: Slapd) -> Iterator[Slapd]:
 
 @pytest.fixture(scope="module")
 def no_syncprov(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    server = Slapd(tmp_path_factory.mktemp("slapd-nosync"), seed_ldif(), syncprov=False)
-    server.start()
-    yield server
-    server.destroy()
+    yield from own_slapd(tmp_path_factory, "slapd-nosync", syncprov=False)
 
 
 def make_map(*servers: Slapd, **overrides: Any) -> LdapUserMap:
