@@ -91,37 +91,47 @@ class _Table:
 
     def __init__(self, evaluate: Evaluate) -> None:
         self.records: dict[bytes, Record] = {}
-        self.by_key: dict[str, set[bytes]] = {}
+        # Key -> the UUID of the one entry that holds it (nearly always),
+        # or a tuple of UUIDs: a set per key would double the memory.
+        self.by_key: dict[str, bytes | tuple[bytes, ...]] = {}
         self.answers: dict[str, LookupResult] = {}
         self._evaluate = evaluate
 
     def put(self, uuid: bytes, record: Record | None) -> set[str]:
         """Add, replace (record) or delete (None) one entry; the keys whose answer may change."""
         touched: set[str] = set()
+        by_key = self.by_key
         old = self.records.pop(uuid, None)
         if old is not None:
             for key in old.keys:
                 touched.add(key)
-                holders = self.by_key.get(key)
-                if holders is not None:
-                    holders.discard(uuid)
-                    if not holders:
-                        del self.by_key[key]
+                rest = tuple(u for u in _holders(by_key.get(key)) if u != uuid)
+                if not rest:
+                    by_key.pop(key, None)
+                else:
+                    by_key[key] = rest[0] if len(rest) == 1 else rest
         if record is not None:
             self.records[uuid] = record
             for key in record.keys:
                 touched.add(key)
-                self.by_key.setdefault(key, set()).add(uuid)
+                held = by_key.get(key)
+                by_key[key] = uuid if held is None else (*_holders(held), uuid)
         return touched
 
     def settle(self, keys: Iterable[str], log: bool = True) -> None:
         """Compute the answer again for *keys*."""
         for key in keys:
-            holders = self.by_key.get(key)
-            if holders:
-                self.answers[key] = self._evaluate([self.records[uuid] for uuid in holders], key, log)
+            held = self.by_key.get(key)
+            if held is not None:
+                self.answers[key] = self._evaluate([self.records[u] for u in _holders(held)], key, log)
             else:
                 self.answers.pop(key, None)
+
+
+def _holders(held: bytes | tuple[bytes, ...] | None) -> tuple[bytes, ...]:
+    if held is None:
+        return ()
+    return (held,) if isinstance(held, bytes) else held
 
 
 class Replica:
@@ -143,6 +153,7 @@ class Replica:
         self._table = _Table(evaluate)
         self._refreshes_sent = 0      # thread side
         self._generation = 0          # bumped whenever a session ends: late updates are dropped
+        self._state = threading.Lock()  # guards ready and _generation together
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -156,7 +167,13 @@ class Replica:
         """The replica's answer, or None when it is not ready (search instead)."""
         if not self.ready:
             return None
-        return self._table.answers.get(fold(key), NOTFOUND)
+        answers = self._table.answers
+        answer = answers.get(key)
+        if answer is None:
+            # The router's keys are already folded; others (the CLI, tests) may not be.
+            folded = fold(key)
+            answer = answers.get(folded, NOTFOUND) if folded != key else NOTFOUND
+        return answer
 
     def start(self) -> None:
         """Start the sync thread (idempotent); must be called on the event loop."""
@@ -168,8 +185,9 @@ class Replica:
 
     def stop(self) -> None:
         """Stop the sync thread and wait for it (blocking: call from a worker thread)."""
-        self._stopping.set()
-        self.ready = False
+        with self._state:
+            self._stopping.set()
+            self.ready = False
         sock = self._sock
         if sock is not None:
             try:
@@ -190,10 +208,13 @@ class Replica:
             self._stopping.set()
 
     def _install(self, generation: int, table: _Table, seconds: float) -> None:
-        if generation != self._generation or self._stopping.is_set():
-            return
-        self._table = table
-        self.ready = True
+        with self._state:
+            # Under the lock: the thread may be declaring this session lost
+            # right now, and a lost session must never end up ready.
+            if generation != self._generation or self._stopping.is_set():
+                return
+            self._table = table
+            self.ready = True
         self.refreshes += 1
         logger.info("usermap %s: replica ready, %d entries (refresh took %.2fs)", self.name,
                     len(table.records), seconds)
@@ -241,8 +262,9 @@ class Replica:
             backoff = min(backoff * 2, limits.REPLICA_RETRY_MAX_SECONDS)
 
     def _lost(self) -> None:
-        self.ready = False          # at once, from this thread: searches take over now
-        self._generation += 1
+        with self._state:
+            self.ready = False      # at once, from this thread: searches take over now
+            self._generation += 1
         self.losses += 1
 
     def _session(self, sock: socket.socket, url: str) -> None:
