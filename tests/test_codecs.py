@@ -149,6 +149,35 @@ def test_policy_framing_errors_close_without_reply(data: bytes) -> None:
     assert info.value.reply is None
 
 
+@pytest.mark.parametrize("data", [
+    b"no equals sign\n\n",
+    b"=value\n\n",
+    b"a=b\n=c\n\n",
+    b"a=" + b"b" * limits.POLICY_MAX_LINE_BYTES + b"x\n\n",
+    b"".join(b"a%d=b\n" % i for i in range(limits.POLICY_MAX_ATTRIBUTES + 1)) + b"\n",
+])
+def test_whole_bad_requests_in_one_read_are_refused_too(data: bytes) -> None:
+    with pytest.raises(FrameError):
+        PolicyFramer().feed(data)
+
+
+def parse_policy(data: bytes, size: int) -> list[dict[str, str]] | str:
+    try:
+        return feed_in_chunks(PolicyFramer(), data, size)
+    except FrameError:
+        return "FrameError"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.binary(max_size=12).filter(lambda b: b"\n" not in b),
+                          st.sampled_from([b"=", b"", b"=="]),
+                          st.binary(max_size=20).filter(lambda b: b"\n" not in b)), max_size=8))
+def test_a_request_read_whole_parses_exactly_as_one_read_line_by_line(
+        lines: list[tuple[bytes, bytes, bytes]]) -> None:
+    data = b"".join(name + sep + value + b"\n" for name, sep, value in lines) + b"\n"
+    assert parse_policy(data, len(data)) == parse_policy(data, 1)
+
+
 def test_readsocket_request_ends_at_newline_or_half_close() -> None:
     framer = ReadsocketFramer()
     assert framer.feed(b"mailhost al") == []
