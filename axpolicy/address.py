@@ -137,11 +137,35 @@ def _check_local(local: str) -> str:
     return local.lower()
 
 
+# The everyday address, already in a form the full checks would accept as
+# is once lowercased: ASCII, allowed local-part characters (printable, no
+# white space, nothing in _LOCAL_FORBIDDEN, no leading dot), a domain of
+# valid labels without a trailing dot.  Matching it is a fraction of the
+# cost of the checks; anything else (non-ASCII, A-labels, oddities) takes
+# the full path.  tests/test_address.py checks that both always agree.
+_SIMPLE_LOCAL = "".join(sorted(re.escape(chr(c)) for c in range(0x21, 0x7F)
+                               if chr(c) not in _LOCAL_FORBIDDEN and chr(c) != "."))
+_SIMPLE_RE = re.compile(rf"([{_SIMPLE_LOCAL}][{_SIMPLE_LOCAL}.]*)@((?:[a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?\.)*"
+                        rf"[a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?)\Z")
+
+
 def parse(text: str) -> Address:
     """Parse one recipient key into canonical form.
 
     Raises AddressError for anything that can never be a routable user.
     """
+    if text.isascii() and len(text) <= limits.MAX_ADDRESS_BYTES:
+        lowered = text.lower()
+        match = _SIMPLE_RE.match(lowered)
+        if match is not None and "xn--" not in lowered:
+            local, domain = match.groups()
+            if len(local) <= limits.MAX_LOCAL_PART_BYTES and len(domain) <= limits.MAX_DOMAIN_BYTES:
+                return Address(local, domain)
+    return parse_fully(text)
+
+
+def parse_fully(text: str) -> Address:
+    """:func:`parse` through every check, for every input."""
     if len(text.encode("utf-8", "surrogatepass")) > limits.MAX_ADDRESS_BYTES:
         raise AddressError("address too long")
     if text == "*":

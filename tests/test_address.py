@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from axpolicy.address import AddressError, parse, search_keys, split_extension, valid_host
+from axpolicy.address import Address, AddressError, parse, parse_fully, search_keys, split_extension, valid_host
 
 CANONICAL = [
     ("alice@example.com", "alice@example.com"),
@@ -146,3 +148,23 @@ def test_whatever_parses_has_one_at_and_only_safe_characters(text: str) -> None:
     assert not set(address.key) & set("%!\"\\()*[] \r\n\x00") - {"*"}
     assert address.domain.isascii() and address.domain == address.domain.lower()
     assert parse(address.key) == address  # canonical form is a fixed point
+
+
+def outcome(parser: Callable[[str], Address], text: str) -> Address | str:
+    try:
+        return parser(text)
+    except AddressError:
+        return "refused"
+
+
+ADDRESS_LIKE = st.text(alphabet=st.sampled_from("aZ09.-+_@%!\"/|*[]:;,éXN ßx\t") | st.characters(), max_size=40)
+
+
+@settings(max_examples=2000)
+@given(st.one_of(ADDRESS_LIKE,
+                 st.builds("{}@{}".format, ADDRESS_LIKE, ADDRESS_LIKE),
+                 st.builds("{}@{}.{}".format, st.from_regex(r"[A-Za-z0-9.+_=-]{0,70}", fullmatch=True),
+                           st.from_regex(r"[A-Za-z0-9-]{0,70}", fullmatch=True),
+                           st.from_regex(r"(xn--)?[A-Za-z0-9-]{0,64}\.?", fullmatch=True))))
+def test_the_quick_path_for_everyday_addresses_agrees_with_every_check(text: str) -> None:
+    assert outcome(parse, text) == outcome(parse_fully, text)
