@@ -42,6 +42,10 @@ class ReplyMemo:
         self._requests = STATS.requests
         self._latency = STATS.latency[protocol]
         self._entries: dict[bytes, tuple[bytes, float, tuple[str, str, str]]] = {}
+        # Few distinct replies and metrics keys: one object each, shared by
+        # every entry (a copy per entry doubled the memo's memory).
+        self._shared_replies: dict[bytes, bytes] = {}
+        self._shared_keys: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -68,4 +72,8 @@ class ReplyMemo:
         entries = self._entries
         if len(entries) >= limits.REPLY_MEMO_ENTRIES:
             del entries[next(iter(entries))]
-        entries[request] = (reply, until, (self._protocol, map_name, outcome))
+        key = (self._protocol, map_name, outcome)
+        if len(self._shared_replies) < limits.REPLY_MEMO_ENTRIES:
+            reply = self._shared_replies.setdefault(reply, reply)
+            key = self._shared_keys.setdefault(key, key)
+        entries[request] = (reply, until, key)
