@@ -47,7 +47,8 @@ class LookupCache:
         hit = self.get_until(key, count_miss)
         return None if hit is None else hit[0]
 
-    def get_until(self, key: Hashable, count_miss: bool = True) -> tuple[LookupResult, float] | None:
+    def get_until(self, key: Hashable, count_miss: bool = True,
+                  count_hit: bool = True) -> tuple[LookupResult, float] | None:
         """The fresh answer for *key* and until when it stays fresh (clock time), or None."""
         item = self._entries.get(key)
         if item is not None:
@@ -57,7 +58,8 @@ class LookupCache:
                 entries = self._entries
                 del entries[key]
                 entries[key] = item
-                self.hits += 1
+                if count_hit:
+                    self.hits += 1
                 return result, stored + ttl
         if count_miss:
             self.misses += 1

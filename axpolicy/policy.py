@@ -178,7 +178,7 @@ class PolicyService:
         result = self._router.resolve_now(recipient, self._policy.usermap)
         return None if result is None else self._reply(result, started)
 
-    async def answer(self, request: Request) -> bytes | None:
+    async def answer(self, request: Request, whole: bytes | None = None) -> bytes | None:
         kind = request.get("request")
         if kind != "smtpd_access_policy":
             logger.warning("policy: unsupported request=%s; closing", printable(kind or ""))

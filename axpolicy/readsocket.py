@@ -115,7 +115,7 @@ class ReadsocketService:
         STATS.record("readsocket", map_name, OUTCOME[result.status], time.perf_counter() - started)
         return reply_body(result)
 
-    async def answer(self, request: bytes) -> bytes:
+    async def answer(self, request: bytes, whole: bytes | None = None) -> bytes:
         started = time.perf_counter()
         name, space, key = request.partition(b" ")
         if not space:

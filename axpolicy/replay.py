@@ -10,8 +10,9 @@ DESCRIPTION
     address parsing, the search plan, the cache and reply encoding.
 
     An entry is only ever made from an answer that came from the router's
-    cache (or from the configuration, for domain maps), and only until the
-    earliest moment any cache entry behind it stops being fresh: until
+    cache (or from the configuration, for domain maps) -- on the fast
+    path, or right after a lookup that filled the cache -- and only until
+    the earliest moment any cache entry behind it stops being fresh: until
     then the router would give the same answer by construction.  Answers
     that can change at any moment -- file maps, replicas -- are never
     kept.  A reload makes new services and so a new, empty memo.
@@ -29,6 +30,8 @@ from collections.abc import Callable
 
 from axpolicy import limits
 from axpolicy.cache import LookupCache
+from axpolicy.result import LookupResult
+from axpolicy.router import Router
 from axpolicy.stats import STATS
 
 
@@ -64,6 +67,18 @@ class ReplyMemo:
         self._requests[key] += 1
         self._latency.observe(time.perf_counter() - started)
         return reply
+
+    def put_if_current(self, request: bytes, reply: bytes, router: Router, map_name: str, key: str,
+                       result: LookupResult, outcome: str) -> None:
+        """After a lookup that needed I/O: keep *reply* if the router's cache now gives *result* too.
+
+        Then the second time a key is asked is already a replay.  A stale
+        answer (stale-if-error) or a TEMP is not fresh in the cache, and an
+        answer that changed meanwhile is not equal: neither is kept.
+        """
+        fresh = router.query_fresh(map_name, key, count=False)
+        if fresh is not None and fresh[0] == result:
+            self.put(request, reply, fresh[1], map_name, outcome)
 
     def put(self, request: bytes, reply: bytes, until: float, map_name: str, outcome: str) -> None:
         """Remember *reply* for *request* until *until* (the cache's clock)."""

@@ -136,13 +136,13 @@ class Router:
         fresh = self.query_fresh(map_name, key)
         return None if fresh is None else fresh[0]
 
-    def query_fresh(self, map_name: str, key: str) -> tuple[LookupResult, float] | None:
+    def query_fresh(self, map_name: str, key: str, count: bool = True) -> tuple[LookupResult, float] | None:
         """:meth:`query_now`, and until when (cache clock) the answer cannot change.
 
         0 when it could change at any moment (file maps, replicas);
         infinity when only a reload could change it (domain maps, domains
         outside ``domains``).  :mod:`axpolicy.replay` keeps replies that
-        long.
+        long.  *count* False: not a client's lookup, not a cache hit in the metrics.
         """
         spec = self.config.maps.get(map_name)
         if spec is None:
@@ -154,7 +154,7 @@ class Router:
                 return None
             domains = self.config.domains or frozenset()
             return (found(expand_template(spec.result, "")) if domain in domains else NOTFOUND), math.inf
-        fresh = self.resolve_fresh(key, spec.usermap)
+        fresh = self.resolve_fresh(key, spec.usermap, count)
         if fresh is not None and fresh[0].status is Status.FOUND:
             return self._formatted(spec.name, spec.result, fresh[0].value), fresh[1]
         return fresh
@@ -173,7 +173,8 @@ class Router:
         fresh = self.resolve_fresh(address, usermap)
         return None if fresh is None else fresh[0]
 
-    def resolve_fresh(self, address: str, usermap: str | None = None) -> tuple[LookupResult, float] | None:
+    def resolve_fresh(self, address: str, usermap: str | None = None,
+                      count: bool = True) -> tuple[LookupResult, float] | None:
         """:meth:`resolve_now`, and until when the answer cannot change (see :meth:`query_fresh`)."""
         name = usermap or self.config.default_usermap
         target = self.usermaps.get(name)
@@ -185,7 +186,7 @@ class Router:
         until = math.inf
         for key in keys:
             if target.cached:
-                hit = self.cache.get_until(f"{name}\x00{key}", count_miss=False)
+                hit = self.cache.get_until(f"{name}\x00{key}", count_miss=False, count_hit=count)
                 if hit is None:
                     return None
                 result, expires = hit

@@ -219,7 +219,7 @@ class Connection(asyncio.Protocol):
                 if service.close_after_reply:
                     self.close()
                 return
-        task = self._loop.create_task(service.answer(request))
+        task = self._loop.create_task(service.answer(request, whole))
         self._queue.append(task)
         task.add_done_callback(self._flush)
 

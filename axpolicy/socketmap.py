@@ -114,7 +114,7 @@ class SocketmapService:
             self._memo.put(whole, reply, until, map_name, outcome)
         return reply
 
-    async def answer(self, payload: bytes) -> bytes:
+    async def answer(self, payload: bytes, whole: bytes | None = None) -> bytes:
         started = time.perf_counter()
         name, space, key = payload.partition(b" ")
         if not space or not name:
@@ -129,8 +129,12 @@ class SocketmapService:
         result = await self._router.query(map_name, text)
         if result.status is Status.PERM:
             logger.warning("socketmap: %s: %s", result.reason, printable(map_name))
-        STATS.record("socketmap", map_name if result.status is not Status.PERM else "", OUTCOME[result.status],
+        outcome = OUTCOME[result.status]
+        STATS.record("socketmap", map_name if result.status is not Status.PERM else "", outcome,
                      time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("socketmap %s %s: %s", map_name, printable(text), result.status.value)
-        return netstring.encode(reply_payload(result))
+        reply = netstring.encode(reply_payload(result))
+        if whole is not None:
+            self._memo.put_if_current(whole, reply, self._router, map_name, text, result, outcome)
+        return reply

@@ -138,7 +138,7 @@ class TcpTableService:
             self._memo.put(whole, reply, until, self._map, outcome)
         return reply
 
-    async def answer(self, line: bytes) -> bytes:
+    async def answer(self, line: bytes, whole: bytes | None = None) -> bytes:
         started = time.perf_counter()
         command, space, argument = line.partition(b" ")
         if command != b"get" or not space:
@@ -153,7 +153,11 @@ class TcpTableService:
             logger.info("tcp_table: key is not UTF-8, not found: %s", printable(argument))
             return b"500 not%20found\n"
         result = await self._router.query(self._map, key)
-        STATS.record("tcp_table", self._map, OUTCOME[result.status], time.perf_counter() - started)
+        outcome = OUTCOME[result.status]
+        STATS.record("tcp_table", self._map, outcome, time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("tcp_table %s %s: %s", self._map, printable(key), result.status.value)
-        return reply_line(result)
+        reply = reply_line(result)
+        if whole is not None:
+            self._memo.put_if_current(whole, reply, self._router, self._map, key, result, outcome)
+        return reply

@@ -63,8 +63,8 @@ class Service(Protocol):
         """
         ...
 
-    async def answer(self, request: Any) -> bytes | None:
-        """Reply bytes for *request*; None closes the connection without a reply."""
+    async def answer(self, request: Any, whole: bytes | None = None) -> bytes | None:
+        """Reply bytes for *request*; None closes the connection without a reply (*whole*: as answer_now)."""
         ...
 
 

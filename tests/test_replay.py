@@ -88,6 +88,18 @@ def test_the_router_says_how_long_each_answer_holds(tmp_path: Path) -> None:
     assert router.query_fresh("files", "carol@example.com") == (found("127.0.0.3"), 0.0)  # file may change
 
 
+def test_an_answer_that_needed_io_is_kept_only_if_the_cache_now_says_the_same(tmp_path: Path) -> None:
+    router = make_router(tmp_path)
+    router.cache.put("people\x00alice@example.com", found("127.0.0.2"))
+    memo = ReplyMemo("socketmap", router.cache)
+    relay = found("relay:[127.0.0.2]")
+    memo.put_if_current(b"a", b"reply-a", router, "transport", "alice@example.com", relay, "found")
+    memo.put_if_current(b"b", b"reply-b", router, "transport", "alice@example.com", found("relay:[x]"), "found")
+    memo.put_if_current(b"c", b"reply-c", router, "transport", "bob@example.com", NOTFOUND, "notfound")
+    assert (memo.get(b"a"), memo.get(b"b"), memo.get(b"c")) == (b"reply-a", None, None)
+    assert router.cache.hits == 1        # only the replay counts, not the check behind it
+
+
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     """A directory of its own: this module changes entries."""
