@@ -79,7 +79,7 @@ POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0
 LDAP_MAX_RESPONSE_BYTES = 1024 * 1024
 
 # Replies to whole table requests kept per listener (axpolicy/replay.py);
-# about 200 bytes each.
+# about 400 bytes each (12 MiB when full, docs/benchmarks.rst).
 REPLY_MEMO_ENTRIES = 32768
 
 # Replica (RFC 4533): a silent sync connection is probed after this long,
