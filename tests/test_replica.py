@@ -11,6 +11,7 @@ NOTFOUND.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import pytest
 from axpolicy import config
 from axpolicy.ldapmap import LdapUserMap
 from axpolicy.result import NOTFOUND, LookupResult, Status
+from tests.clients import SocketmapClient
 from tests.conftest import ldap_map, own_slapd, postmap, run
 from tests.daemon import Axpolicy
 from tests.slapd import PEOPLE, Slapd, free_port
@@ -268,3 +270,31 @@ def test_through_postfix_found_notfound_temp_and_a_new_user(
         assert "socketmap server temporary error" in proc.stderr
     finally:
         assert server.stop() == 0, server.log
+
+
+def test_a_reload_that_changes_the_map_starts_a_new_replica_and_keeps_answering(
+        slapd_r: Slapd, tmp_path: Path) -> None:
+    config: dict[str, Any] = {
+        "usermaps": {"people": ldap_map(slapd_r, replica=True)},
+        "listen": [{"protocol": "socketmap", "address": f"inet:127.0.0.1:{free_port()}"}],
+        "maps": {"transport": {"usermap": "people", "result": "relay:[%s]"}},
+    }
+    server = Axpolicy(tmp_path / "axpolicy", config)
+    server.start()
+    try:
+        deadline = time.monotonic() + 20
+        while server.log.count("replica ready") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.write_config({**config, "usermaps": {"people": ldap_map(slapd_r, replica=True, timeout=2)}})
+        server.signal(signal.SIGHUP)
+        while server.log.count("replica ready") < 2:
+            assert time.monotonic() < deadline + 20
+            time.sleep(0.05)
+        client = SocketmapClient(server.address("socketmap"))
+        assert client.query("transport", "alice@example.com") == b"OK relay:[127.0.0.2]"
+        assert client.query("transport", "nobody@example.com") == b"NOTFOUND "
+        client.close()
+    finally:
+        assert server.stop() == 0, server.log
+    assert "Traceback" not in server.log
