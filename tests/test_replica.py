@@ -208,6 +208,27 @@ def test_replica_fails_over_to_the_next_server(slapd_r: Slapd, slapd2: Slapd) ->
     assert answer is not None and answer.value == "127.0.0.2"
 
 
+@pytest.mark.parametrize("tls", ["ldaps", "start_tls"])
+def test_replica_over_tls(slapd_tls: Slapd, tls: str) -> None:
+    settings: dict[str, Any] = {"ca_file": str(slapd_tls.ca_file)}
+    if tls == "ldaps":
+        settings["servers"] = [slapd_tls.ldaps_url]
+    else:
+        settings["start_tls"] = True
+
+    async def go() -> LookupResult | None:
+        usermap = make_map(slapd_tls, **settings)
+        usermap.start()
+        try:
+            await eventually(ready(usermap))
+            return usermap.lookup_now("bob@example.com")
+        finally:
+            await usermap.close()
+
+    answer = run(go())
+    assert answer is not None and answer.value == "127.0.0.3"
+
+
 def test_a_server_without_syncprov_is_searched_per_key(no_syncprov: Slapd, caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> tuple[LookupResult, LookupResult, bool]:
         usermap = make_map(no_syncprov)
