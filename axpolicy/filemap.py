@@ -193,6 +193,10 @@ class FileUserMap:
         logger.info("usermap %s: reloaded %s (%d entries)", self.name, self._path, self.size)
         return True
 
+    def answers_version(self) -> int | None:
+        """None: a changed file is noticed at lookup time only."""
+        return None
+
     def start(self) -> None:
         """Nothing runs in the background: changes are noticed at lookup time."""
 

@@ -333,6 +333,10 @@ class LdapUserMap:
         self._slots.put(slot)
         return result
 
+    def answers_version(self) -> int | None:
+        """The replica's change counter (the map is only uncached while a replica answers)."""
+        return None if self.replica is None else self.replica.version
+
     def lookup_now(self, key: str) -> LookupResult | None:
         """The replica's answer while it is healthy; otherwise None (the router's cache is the fast path)."""
         if self.replica is None:

@@ -141,6 +141,7 @@ class Replica:
                  connect: Connect, evaluate: Evaluate, timeout: float) -> None:
         self.name = name
         self.ready = False
+        self.version = 0              # changes with every change of any answer (and of ready)
         self.refreshes = 0
         self.updates = 0
         self.losses = 0
@@ -188,6 +189,7 @@ class Replica:
         with self._state:
             self._stopping.set()
             self.ready = False
+            self.version += 1
         sock = self._sock
         if sock is not None:
             try:
@@ -215,6 +217,7 @@ class Replica:
                 return
             self._table = table
             self.ready = True
+            self.version += 1
         self.refreshes += 1
         logger.info("usermap %s: replica ready, %d entries (refresh took %.2fs)", self.name,
                     len(table.records), seconds)
@@ -227,6 +230,8 @@ class Replica:
         for uuid, record in changes:
             touched |= table.put(uuid, record)
         table.settle(touched)
+        with self._state:
+            self.version += 1
         self.updates += len(changes)
 
     # ------------------------------------------------------------------
@@ -265,6 +270,7 @@ class Replica:
         with self._state:
             self.ready = False      # at once, from this thread: searches take over now
             self._generation += 1
+            self.version += 1
         self.losses += 1
 
     def _session(self, sock: socket.socket, url: str) -> None:

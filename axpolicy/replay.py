@@ -9,13 +9,15 @@ DESCRIPTION
     request can look its reply up by those bytes, skipping framing,
     address parsing, the search plan, the cache and reply encoding.
 
-    An entry is only ever made from an answer that came from the router's
-    cache (or from the configuration, for domain maps) -- on the fast
-    path, or right after a lookup that filled the cache -- and only until
-    the earliest moment any cache entry behind it stops being fresh: until
-    then the router would give the same answer by construction.  Answers
-    that can change at any moment -- file maps, replicas -- are never
-    kept.  A reload makes new services and so a new, empty memo.
+    An entry is only ever made from an answer the router gives without
+    I/O (:meth:`axpolicy.router.Router.query_fresh`) -- on the fast path,
+    or right after a lookup that filled the cache -- and is used only as
+    long as that answer holds: until the earliest cache entry behind it
+    stops being fresh, and for a replica's answer only while the replica's
+    change counter is unchanged (any change, and losing its session,
+    moves it).  Until then the router would give the same answer by
+    construction.  File-map answers, which can change at any moment, are
+    never kept.  A reload makes new services and so a new, empty memo.
 
 LIMITS
     ``limits.REPLY_MEMO_ENTRIES`` entries per listener; the oldest goes
@@ -31,12 +33,15 @@ from collections.abc import Callable
 from axpolicy import limits
 from axpolicy.cache import LookupCache
 from axpolicy.result import LookupResult
-from axpolicy.router import Router
+from axpolicy.router import Fresh, Router
 from axpolicy.stats import STATS
+from axpolicy.usermap import UserMap
+
+_Entry = tuple[bytes, float, tuple[str, str, str], UserMap | None, int]
 
 
 class ReplyMemo:
-    """Request bytes -> (reply bytes, fresh until, metrics key)."""
+    """Request bytes -> (reply, fresh until, metrics key, user map to watch, its answers' version)."""
 
     def __init__(self, protocol: str, cache: LookupCache) -> None:
         self._protocol = protocol
@@ -44,7 +49,7 @@ class ReplyMemo:
         self._clock: Callable[[], float] = cache.clock
         self._requests = STATS.requests
         self._latency = STATS.latency[protocol]
-        self._entries: dict[bytes, tuple[bytes, float, tuple[str, str, str]]] = {}
+        self._entries: dict[bytes, _Entry] = {}
         # Few distinct replies and metrics keys: one object each, shared by
         # every entry (a copy per entry doubled the memo's memory).
         self._shared_replies: dict[bytes, bytes] = {}
@@ -59,8 +64,8 @@ class ReplyMemo:
         item = self._entries.get(request)
         if item is None:
             return None
-        reply, until, key = item
-        if self._clock() >= until:
+        reply, until, key, watch, version = item
+        if self._clock() >= until or (watch is not None and watch.answers_version() != version):
             del self._entries[request]
             return None
         self._cache.hits += 1
@@ -77,12 +82,12 @@ class ReplyMemo:
         answer that changed meanwhile is not equal: neither is kept.
         """
         fresh = router.query_fresh(map_name, key, count=False)
-        if fresh is not None and fresh[0] == result:
-            self.put(request, reply, fresh[1], map_name, outcome)
+        if fresh is not None and fresh.result == result:
+            self.put(request, reply, fresh, map_name, outcome)
 
-    def put(self, request: bytes, reply: bytes, until: float, map_name: str, outcome: str) -> None:
-        """Remember *reply* for *request* until *until* (the cache's clock)."""
-        if until <= self._clock():
+    def put(self, request: bytes, reply: bytes, fresh: Fresh, map_name: str, outcome: str) -> None:
+        """Remember *reply* for *request* for as long as *fresh* says its answer holds."""
+        if fresh.until <= self._clock():
             return
         entries = self._entries
         if len(entries) >= limits.REPLY_MEMO_ENTRIES:
@@ -91,4 +96,4 @@ class ReplyMemo:
         if len(self._shared_replies) < limits.REPLY_MEMO_ENTRIES:
             reply = self._shared_replies.setdefault(reply, reply)
             key = self._shared_keys.setdefault(key, key)
-        entries[request] = (reply, until, key)
+        entries[request] = (reply, fresh.until, key, fresh.watch, fresh.version)

@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from axpolicy.address import AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
@@ -38,6 +39,20 @@ logger = logging.getLogger(__name__)
 
 
 _NOT_A_USER: tuple[str, ...] = ("",)   # marker: parse() refused the address
+
+
+class Fresh(NamedTuple):
+    """An answer known without I/O, and how long it stays the answer.
+
+    It holds until ``until`` (the cache's clock) and, when ``watch`` is a
+    user map, only while ``watch.answers_version()`` still returns
+    ``version``.  ``until`` 0 means it may change at any moment.
+    """
+
+    result: LookupResult
+    until: float
+    watch: UserMap | None = None
+    version: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -137,15 +152,17 @@ class Router:
         the request, without a task.
         """
         fresh = self.query_fresh(map_name, key)
-        return None if fresh is None else fresh[0]
+        return None if fresh is None else fresh.result
 
-    def query_fresh(self, map_name: str, key: str, count: bool = True) -> tuple[LookupResult, float] | None:
-        """:meth:`query_now`, and until when (cache clock) the answer cannot change.
+    def query_fresh(self, map_name: str, key: str, count: bool = True) -> Fresh | None:
+        """:meth:`query_now`, and how long the answer stays the answer (see :class:`Fresh`).
 
-        0 when it could change at any moment (file maps, replicas);
-        infinity when only a reload could change it (domain maps, domains
-        outside ``domains``).  :mod:`axpolicy.replay` keeps replies that
-        long.  *count* False: not a client's lookup, not a cache hit in the metrics.
+        Cache answers hold until the earliest cache entry behind them
+        expires; replica answers until the replica changes; file-map
+        answers may change at any moment; domain maps and domains outside
+        ``domains`` until a reload.  :mod:`axpolicy.replay` keeps replies
+        that long.  *count* False: not a client's lookup, not a cache hit
+        in the metrics.
         """
         spec = self.config.maps.get(map_name)
         if spec is None:
@@ -156,10 +173,10 @@ class Router:
             except AddressError:
                 return None
             domains = self.config.domains or frozenset()
-            return (found(expand_template(spec.result, "")) if domain in domains else NOTFOUND), math.inf
+            return Fresh(found(expand_template(spec.result, "")) if domain in domains else NOTFOUND, math.inf)
         fresh = self.resolve_fresh(key, spec.usermap, count)
-        if fresh is not None and fresh[0].status is Status.FOUND:
-            return self._formatted(spec.name, spec.result, fresh[0].value), fresh[1]
+        if fresh is not None and fresh.result.status is Status.FOUND:
+            return fresh._replace(result=self._formatted(spec.name, spec.result, fresh.result.value))
         return fresh
 
     def _formatted(self, map_name: str, template: str, host: str) -> LookupResult:
@@ -174,10 +191,9 @@ class Router:
     def resolve_now(self, address: str, usermap: str | None = None) -> LookupResult | None:
         """:meth:`resolve` without waiting: FOUND or NOTFOUND if known now, else None."""
         fresh = self.resolve_fresh(address, usermap)
-        return None if fresh is None else fresh[0]
+        return None if fresh is None else fresh.result
 
-    def resolve_fresh(self, address: str, usermap: str | None = None,
-                      count: bool = True) -> tuple[LookupResult, float] | None:
+    def resolve_fresh(self, address: str, usermap: str | None = None, count: bool = True) -> Fresh | None:
         """:meth:`resolve_now`, and until when the answer cannot change (see :meth:`query_fresh`)."""
         name = usermap or self.config.default_usermap
         target = self.usermaps.get(name)
@@ -187,8 +203,18 @@ class Router:
         if keys is _NOT_A_USER:
             return None   # rare; the slow path logs it
         until = math.inf
+        watch: UserMap | None = None
+        version = 0
+        cached = target.cached      # once: a replica may stop answering meanwhile (another thread)
+        if not cached:
+            # Read before the answers: a change after this makes them stale.
+            known = target.answers_version()
+            if known is None:
+                until = 0.0
+            else:
+                watch, version = target, known
         for key in keys:
-            if target.cached:
+            if cached:
                 hit = self.cache.get_until(f"{name}\x00{key}", count_miss=False, count_hit=count)
                 if hit is None:
                     return None
@@ -199,10 +225,10 @@ class Router:
                 now = target.lookup_now(key)
                 if now is None:
                     return None
-                result, until = now, 0.0
+                result = now
             if result.status is not Status.NOTFOUND:
-                return result, until
-        return NOTFOUND, until
+                return Fresh(result, until, watch, version)
+        return Fresh(NOTFOUND, until, watch, version)
 
     async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
         """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.

@@ -106,12 +106,12 @@ class SocketmapService:
         fresh = self._router.query_fresh(map_name, text)
         if fresh is None:
             return None
-        result, until = fresh
+        result = fresh.result
         outcome = OUTCOME[result.status]
         STATS.record("socketmap", map_name, outcome, time.perf_counter() - started)
         reply = netstring.encode(reply_payload(result))
         if whole is not None:
-            self._memo.put(whole, reply, until, map_name, outcome)
+            self._memo.put(whole, reply, fresh, map_name, outcome)
         return reply
 
     async def answer(self, payload: bytes, whole: bytes | None = None) -> bytes:

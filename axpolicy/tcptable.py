@@ -130,12 +130,12 @@ class TcpTableService:
         fresh = self._router.query_fresh(self._map, key)
         if fresh is None:
             return None
-        result, until = fresh
+        result = fresh.result
         outcome = OUTCOME[result.status]
         STATS.record("tcp_table", self._map, outcome, time.perf_counter() - started)
         reply = reply_line(result)
         if whole is not None:
-            self._memo.put(whole, reply, until, self._map, outcome)
+            self._memo.put(whole, reply, fresh, self._map, outcome)
         return reply
 
     async def answer(self, line: bytes, whole: bytes | None = None) -> bytes:

@@ -32,6 +32,12 @@ class UserMap(Protocol):
         """Answer one exact key: FOUND, NOTFOUND or TEMP."""
         ...
 
+    def answers_version(self) -> int | None:
+        """For maps not cached: a number that changes whenever an answer of
+        :meth:`lookup_now` may change, or None when changes go unnoticed
+        until the next lookup (then answers are never replayed)."""
+        ...
+
     def lookup_now(self, key: str) -> LookupResult | None:
         """The answer if it needs no I/O, else None (maps that are cached: always None)."""
         ...

@@ -270,6 +270,9 @@ class CountingMap:
     def start(self) -> None:
         self.inner.start()
 
+    def answers_version(self) -> int | None:
+        return self.inner.answers_version()  # type: ignore[no-any-return]
+
     async def lookup(self, key: str) -> LookupResult:
         self.calls += 1
         return await self.inner.lookup(key)
