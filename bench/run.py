@@ -177,6 +177,7 @@ class Bench:
             ("axpolicy tcp: warm (asked before)", self.tcp(), lambda: keys, host_of, None),
             ("axpolicy socketmap: unknown keys", self.socketmap(), self.unknown_keys, lambda k: None, None),
             ("axpolicy socketmap + replica: new keys", replica, lambda: keys, host_of, self.restart_replica),
+            ("axpolicy socketmap + replica: asked before", replica, lambda: keys, host_of, None),
             ("axpolicy socketmap + replica: unknown keys", replica, self.unknown_keys, lambda k: None,
              self.restart_replica),
             # postsrsd answers keys in its own domain unchanged (200).
