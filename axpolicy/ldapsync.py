@@ -154,7 +154,7 @@ class Replica:
         self._table = _Table(evaluate)
         self._refreshes_sent = 0      # thread side
         self._generation = 0          # bumped whenever a session ends: late updates are dropped
-        self._state = threading.Lock()  # guards ready and _generation together
+        self._state = threading.Lock()  # guards ready, version and _generation together
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
