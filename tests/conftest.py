@@ -78,6 +78,24 @@ def slapd2(slapd_secondary: Slapd) -> Iterator[Slapd]:
     slapd_secondary.restore()
 
 
+def shipped_config(path: Path, workdir: Path, slapd: Slapd) -> dict[str, Any]:
+    """A configuration shipped in postfix/ or exim/, pointed at the test directory.
+
+    Every lookup asks the directory (no cache), so that answers served
+    while it is down can only come from stale-if-error.
+    """
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    secret = workdir / "ldap.secret"
+    secret.write_text(BIND_PW + "\n")
+    people = config["usermaps"]["people"]
+    people["servers"] = [slapd.url]
+    people["bind_password_file"] = str(secret)
+    people["timeout"] = 1
+    config["cache"]["ttl"] = 0
+    config["cache"]["negative_ttl"] = 0
+    return config
+
+
 def ldap_map(*servers: Slapd, **overrides: Any) -> dict[str, Any]:
     """An ldap user map section for *servers*, with test-friendly timings."""
     section: dict[str, Any] = {

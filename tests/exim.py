@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.postfix import open_path
+from tests.postfix import open_path, send_message
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAGMENTS = ROOT / "exim"
@@ -186,14 +186,7 @@ class Exim:
         with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as session:
             session.ehlo("client.example")
             session.docmd("MAIL FROM:<sender@elsewhere.example>")
-            replies = []
-            for recipient in recipients:
-                code, text = session.docmd(f"RCPT TO:<{recipient}>")
-                replies.append((code, text.decode(errors="replace")))
-            if any(code == 250 for code, _ in replies):
-                code, text = session.data(b"Subject: axpolicy test\r\n\r\nHello.\r\n")
-                assert code == 250, (code, text)
-            return replies
+            return send_message(session, recipients)
 
 
 def _final_replies(transcript: str) -> list[tuple[int, str]]:

@@ -76,6 +76,18 @@ def _backdate(path: Path) -> None:
     os.utime(path, (past, past))
 
 
+def send_message(session: smtplib.SMTP, recipients: tuple[str, ...]) -> list[tuple[int, str]]:
+    """RCPT each recipient in an open session after MAIL FROM; DATA if one was accepted; the RCPT replies."""
+    replies = []
+    for recipient in recipients:
+        code, text = session.docmd(f"RCPT TO:<{recipient}>")
+        replies.append((code, text.decode(errors="replace")))
+    if any(code == 250 for code, _ in replies):
+        code, text = session.data(b"Subject: axpolicy test\r\n\r\nHello.\r\n")
+        assert code == 250, (code, text)
+    return replies
+
+
 def open_path(path: Path) -> None:
     """Let unprivileged daemons (postfix, nobody) traverse to *path*.
 
@@ -263,11 +275,4 @@ class Postfix:
     def send(self, *recipients: str) -> list[tuple[int, str]]:
         """One message to *recipients*; returns each RCPT reply (DATA only if one was accepted)."""
         with self.smtp() as session:
-            replies = []
-            for recipient in recipients:
-                code, text = session.docmd(f"RCPT TO:<{recipient}>")
-                replies.append((code, text.decode(errors="replace")))
-            if any(code == 250 for code, _ in replies):
-                code, text = session.data(b"Subject: axpolicy test\r\n\r\nHello.\r\n")
-                assert code == 250, (code, text)
-            return replies
+            return send_message(session, recipients)

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.conftest import shipped_config
 from tests.daemon import Axpolicy
 from tests.exim import FRAGMENTS, Exim, exim_binary
 from tests.postfix import Sinks, open_path
-from tests.slapd import BIND_PW, Slapd
+from tests.slapd import Slapd
 from tests.vectors import OPEN_RELAY_RCPTS, SENDERS
 
 if exim_binary() is None:
@@ -40,19 +40,9 @@ class Frontend:
 
 def axpolicy_config(workdir: Path, slapd: Slapd, socket_path: Path) -> dict[str, Any]:
     """exim/axpolicy.yml with the test's servers and socket path."""
-    config = yaml.safe_load((FRAGMENTS / "axpolicy.yml").read_text())
-    secret = workdir / "ldap.secret"
-    secret.write_text(BIND_PW + "\n")
-    people = config["usermaps"]["people"]
-    people["servers"] = [slapd.url]
-    people["bind_password_file"] = str(secret)
-    people["timeout"] = 1
+    config = shipped_config(FRAGMENTS / "axpolicy.yml", workdir, slapd)
     for listener in config["listen"]:
         listener["address"] = listener["address"].replace("/run/axpolicy/exim.sock", str(socket_path))
-    # Every lookup asks the directory: answers while it is down can only be
-    # stale-if-error ones.
-    config["cache"]["ttl"] = 0
-    config["cache"]["negative_ttl"] = 0
     return config
 
 

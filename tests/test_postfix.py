@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import axpolicy_cli, postmap
+from tests.conftest import axpolicy_cli, postmap, shipped_config
 from tests.daemon import Axpolicy
 from tests.postfix import RECIPES, Postfix, Sinks
-from tests.slapd import BIND_PW, Slapd, free_port
+from tests.slapd import Slapd, free_port
 from tests.vectors import OPEN_RELAY_RCPTS, SENDERS
 
 
@@ -35,23 +34,13 @@ class Frontend:
 
 def axpolicy_config(workdir: Path, slapd: Slapd, policy_port: int, spool: Path, sink_port: int) -> dict[str, Any]:
     """postfix/axpolicy.yml with the test's servers, ports and paths."""
-    config = yaml.safe_load((RECIPES / "axpolicy.yml").read_text())
-    secret = workdir / "ldap.secret"
-    secret.write_text(BIND_PW + "\n")
-    people = config["usermaps"]["people"]
-    people["servers"] = [slapd.url]
-    people["bind_password_file"] = str(secret)
-    people["timeout"] = 1
+    config = shipped_config(RECIPES / "axpolicy.yml", workdir, slapd)
     # Sinks listen on a test port instead of 25.
     config["maps"]["transport"]["result"] = f"relay:[%s]:{sink_port}"
     for listener in config["listen"]:
         listener["address"] = (listener["address"]
                                .replace("inet:127.0.0.1:10040", f"inet:127.0.0.1:{policy_port}")
                                .replace("/var/spool/postfix", str(spool)))
-    # Every lookup asks the directory, so that answers served while it is
-    # down can only come from stale-if-error.
-    config["cache"]["ttl"] = 0
-    config["cache"]["negative_ttl"] = 0
     return config
 
 
