@@ -34,7 +34,7 @@ from axpolicy import limits
 from axpolicy.cache import LookupCache
 from axpolicy.result import LookupResult
 from axpolicy.router import Fresh, Router
-from axpolicy.stats import STATS
+from axpolicy.stats import OUTCOME, STATS
 from axpolicy.usermap import UserMap
 
 _Entry = tuple[bytes, float, tuple[str, str, str], UserMap | None, int]
@@ -71,6 +71,19 @@ class ReplyMemo:
         self._cache.hits += 1
         self._requests[key] += 1
         self._latency.observe(time.perf_counter() - started)
+        return reply
+
+    def reply_now(self, router: Router, map_name: str, key: str, encode: Callable[[LookupResult], bytes],
+                  started: float, whole: bytes | None) -> bytes | None:
+        """A table protocol's fast path: the router's answer without I/O, encoded, counted, kept if *whole*."""
+        fresh = router.query_fresh(map_name, key)
+        if fresh is None:
+            return None
+        outcome = OUTCOME[fresh.result.status]
+        STATS.record(self._protocol, map_name, outcome, time.perf_counter() - started)
+        reply = encode(fresh.result)
+        if whole is not None:
+            self.put(whole, reply, fresh, map_name, outcome)
         return reply
 
     def put_if_current(self, request: bytes, reply: bytes, router: Router, map_name: str, key: str,

@@ -133,12 +133,7 @@ class Router:
         if spec is None:
             return perm("unknown map name")
         if spec.type == "domain":
-            try:
-                domain = normalize_domain(key)
-            except AddressError:
-                return NOTFOUND
-            domains = self.config.domains or frozenset()
-            return found(expand_template(spec.result, "")) if domain in domains else NOTFOUND
+            return self._domain_answer(spec.result, key)
         result = await self.resolve(key, spec.usermap)
         if result.status is Status.FOUND:
             return self._formatted(spec.name, spec.result, result.value)
@@ -168,18 +163,22 @@ class Router:
         if spec is None:
             return None
         if spec.type == "domain":
-            try:
-                domain = normalize_domain(key)
-            except AddressError:
-                return None
-            domains = self.config.domains or frozenset()
-            return Fresh(found(expand_template(spec.result, "")) if domain in domains else NOTFOUND, math.inf)
+            return Fresh(self._domain_answer(spec.result, key), math.inf)
         fresh = self.resolve_fresh(key, spec.usermap, count)
         if fresh is not None and fresh.result.status is Status.FOUND:
             # Built anew: NamedTuple._replace costs twice as much, on the fast path.
             return Fresh(self._formatted(spec.name, spec.result, fresh.result.value), fresh.until, fresh.watch,
                          fresh.version)
         return fresh
+
+    def _domain_answer(self, template: str, key: str) -> LookupResult:
+        """A ``type: domain`` map: FOUND for a domain in ``domains``; depends on the configuration only."""
+        try:
+            domain = normalize_domain(key)
+        except AddressError:
+            return NOTFOUND
+        domains = self.config.domains or frozenset()
+        return found(expand_template(template, "")) if domain in domains else NOTFOUND
 
     def _formatted(self, map_name: str, template: str, host: str) -> LookupResult:
         # Few distinct hosts: remember each map's answer for each host.

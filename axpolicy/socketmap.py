@@ -60,6 +60,11 @@ def reply_payload(result: LookupResult) -> bytes:
     return payload
 
 
+def encode_reply(result: LookupResult) -> bytes:
+    """The framed reply for *result*."""
+    return netstring.encode(reply_payload(result))
+
+
 class _Framer:
     def __init__(self) -> None:
         self._decoder = netstring.Decoder(limits.SOCKETMAP_MAX_REQUEST_BYTES)
@@ -103,16 +108,7 @@ class SocketmapService:
         if request is None:
             return None   # the slow path says why
         map_name, text = request
-        fresh = self._router.query_fresh(map_name, text)
-        if fresh is None:
-            return None
-        result = fresh.result
-        outcome = OUTCOME[result.status]
-        STATS.record("socketmap", map_name, outcome, time.perf_counter() - started)
-        reply = netstring.encode(reply_payload(result))
-        if whole is not None:
-            self._memo.put(whole, reply, fresh, map_name, outcome)
-        return reply
+        return self._memo.reply_now(self._router, map_name, text, encode_reply, started, whole)
 
     async def answer(self, payload: bytes, whole: bytes | None = None) -> bytes:
         started = time.perf_counter()
@@ -134,7 +130,7 @@ class SocketmapService:
                      time.perf_counter() - started)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("socketmap %s %s: %s", map_name, printable(text), result.status.value)
-        reply = netstring.encode(reply_payload(result))
+        reply = encode_reply(result)
         if whole is not None:
             self._memo.put_if_current(whole, reply, self._router, map_name, text, result, outcome)
         return reply

@@ -127,16 +127,7 @@ class TcpTableService:
             key = unquote(argument).decode("utf-8")
         except (QuoteError, UnicodeDecodeError):
             return None
-        fresh = self._router.query_fresh(self._map, key)
-        if fresh is None:
-            return None
-        result = fresh.result
-        outcome = OUTCOME[result.status]
-        STATS.record("tcp_table", self._map, outcome, time.perf_counter() - started)
-        reply = reply_line(result)
-        if whole is not None:
-            self._memo.put(whole, reply, fresh, self._map, outcome)
-        return reply
+        return self._memo.reply_now(self._router, self._map, key, reply_line, started, whole)
 
     async def answer(self, line: bytes, whole: bytes | None = None) -> bytes:
         started = time.perf_counter()
