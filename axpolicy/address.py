@@ -7,10 +7,16 @@ DESCRIPTION
     * the domain is lowercased and converted to its IDNA A-label form
       (``bücher.example`` and ``xn--bcher-kva.example`` are the same
       domain);
-    * the local part is lowercased.  Local parts are formally case-sensitive
-      but every directory we target matches ``mail`` case-insensitively
-      (``caseIgnoreIA5Match``) and Postfix casefolds keys for smtpd lookups;
-      one rule for all maps keeps the answers identical across protocols.
+    * ASCII letters in the local part are lowercased; every other
+      character is kept exactly as given.  Local parts are formally
+      case-sensitive but every directory we target matches ``mail``
+      case-insensitively (``caseIgnoreIA5Match``) and Postfix casefolds
+      keys for smtpd lookups; one rule for all maps keeps the answers
+      identical across protocols.  Unicode case folding is never applied:
+      ``str.lower()`` turns U+212A KELVIN SIGN into ``k``, so
+      ``\u212aate@example.com`` would be found as ``kate@example.com``.
+      In a domain label, IDNA's own mapping is applied, but a non-ASCII
+      character that would map onto ASCII is refused.
 
     :func:`search_keys` then gives the Postfix search order for table
     lookups: ``user+ext@domain``, ``user@domain``, ``@domain``.
@@ -48,15 +54,26 @@ _LOCAL_FORBIDDEN = frozenset('@%!"\\/|()<>[],;:')
 # One A-label: letters, digits, hyphen; not starting or ending with hyphen.
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 
-# A host value from a user map: it ends up in a transport nexthop, so it
-# must be a plain DNS name or an IP address, nothing that could carry a
-# port, a second host or transport syntax.
+# A host value from a user map: it ends up in a transport nexthop and in
+# every protocol's reply, so it must be a plain DNS name (LDH labels, which
+# covers dotted-quad IPv4) or an IPv6 address without a zone, nothing that
+# could carry a port, a second host, a line break or transport syntax.
+_IPV6_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
 _HOSTNAME_RE = re.compile(r"(?=.{1,255}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 
 # Local parts that Postfix never splits at the recipient delimiter
 # (global/split_addr.c).
 _NEVER_SPLIT = frozenset({"postmaster", "mailer-daemon", "double-bounce"})
+
+
+# ASCII-only case folding (see DESCRIPTION).
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """*text* with ASCII letters lowercased and every other character kept."""
+    return text.lower() if text.isascii() else text.translate(_ASCII_LOWER)
 
 
 class AddressError(ValueError):
@@ -103,8 +120,11 @@ def _normalize_label(label: str) -> str:
         try:
             ascii_label = encodings.idna.ToASCII(label).decode("ascii")
             # Nameprep silently drops or maps some characters (zero-width
-            # space, ß): a domain that is not what it looks like is refused.
-            if encodings.idna.ToUnicode(ascii_label) != label.lower():
+            # space, ß, KELVIN SIGN to k): a domain that is not what it
+            # looks like is refused.  Only case differences are allowed,
+            # and only where a non-ASCII letter stays non-ASCII.
+            if encodings.idna.ToUnicode(ascii_label) != label.lower() or not ascii_label.startswith("xn--") \
+                    or any(not ch.isascii() and ch.lower().isascii() for ch in label):
                 raise AddressError("domain changes under IDNA mapping")
         except UnicodeError:
             raise AddressError("invalid internationalised domain") from None
@@ -134,7 +154,7 @@ def _check_local(local: str) -> str:
             raise AddressError("routing or quoting character in local part")
         if ch.isspace() or not ch.isprintable():
             raise AddressError("control character or white space")
-    return local.lower()
+    return ascii_lower(local)
 
 
 # The everyday address, already in a form the full checks would accept as
@@ -206,9 +226,15 @@ def search_keys(address: Address, delimiters: str, catchall: bool) -> list[str]:
 
 
 def valid_host(value: str) -> bool:
-    """True for a DNS host name, an IPv4 address or an IPv6 address."""
+    """True for a DNS host name (LDH labels), an IPv4 address or an IPv6 address without a zone.
+
+    ``ipaddress.IPv6Address`` alone is not enough: it accepts a scope id,
+    ``::1%`` followed by anything (line breaks, ``]``, ``,``, ``:port``).
+    """
     if _HOSTNAME_RE.match(value):
         return True
+    if not _IPV6_RE.match(value):
+        return False
     try:
         ipaddress.IPv6Address(value)
     except ValueError:

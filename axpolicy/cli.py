@@ -7,8 +7,9 @@ EXIT STATUS (sysexits.h)
     71  EX_OSERR: serve: a socket cannot be bound, the pidfile is held by
         another instance, or privileges cannot be dropped
     75  EX_TEMPFAIL: lookup: a temporary failure (message on stderr)
-    78  EX_CONFIG: the configuration is invalid (message names the key), or
-        serve was started as root without a user to drop to
+    78  EX_CONFIG: the configuration is invalid (message names the key or
+        the file), or serve (and check-config, which refuses what serve
+        refuses) was started as root without a user to drop to
 """
 
 from __future__ import annotations
@@ -80,7 +81,14 @@ def _fail(code: int, message: str) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from axpolicy import daemon
+
     config = _load(args.config)
+    try:
+        router = daemon.check(config)
+    except daemon.StartupError as exc:
+        return _fail(exc.code, str(exc))
+    asyncio.run(router.close())
     for warning in warnings(config):
         print(f"axpolicy: warning: {warning}", file=sys.stderr)
     if args.digest:

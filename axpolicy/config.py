@@ -34,6 +34,7 @@ import yaml
 
 from axpolicy import limits
 from axpolicy.address import AddressError, normalize_domain
+from axpolicy.files import FileReadError, read_regular
 
 DEFAULT_PATH = "/etc/axpolicy/axpolicy.yml"
 MASK = "********"
@@ -207,15 +208,51 @@ def _mapping(value: Any, path: str) -> dict[str, Any]:
         raise _fail(path, f"expected a mapping, got {_kind(value)}")
     for key in value:
         if not isinstance(key, str):
-            raise _fail(path, f"keys must be strings, got {key!r}")
+            raise _fail(path, f"keys must be strings, got {_kind(key)}")
     return value
+
+
+# What a key of this configuration looks like; anything else is not named in
+# a message (it may be a line of a file that is not a configuration).
+_KEY_LIKE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 
 def _known(section: Mapping[str, Any], allowed: set[str], path: str) -> None:
     unknown = sorted(set(section) - allowed)
     if unknown:
-        raise _fail(f"{path}.{unknown[0]}" if path else unknown[0],
-                    f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        name = unknown[0] if _KEY_LIKE_RE.match(unknown[0]) else "(a key that is not a configuration key)"
+        line = section.lines.get(unknown[0]) if isinstance(section, _Mapping) else None
+        where = f" on line {line}" if line is not None else ""
+        raise _fail(f"{path}.{name}" if path else name,
+                    f"unknown key{where} (allowed: {', '.join(sorted(allowed))})")
+
+
+class _Mapping(dict[Any, Any]):
+    """A YAML mapping that remembers the line of each key, for messages."""
+
+    lines: dict[Any, int]
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` whose mappings are :class:`_Mapping`."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
+    mapping = _Mapping(loader.construct_mapping(node))
+    mapping.lines = {}
+    for key_node, _ in node.value:
+        try:
+            mapping.lines[loader.construct_object(key_node)] = key_node.start_mark.line + 1
+        except TypeError:
+            pass   # an unhashable key: refused later by _mapping
+    return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+# Quoted text in a YAML error message, other than token names such as
+# '<stream end>' and single characters: it may come from the file.
+_QUOTED_RE = re.compile(r"'(?!<)[^']{2,}'")
 
 
 def _kind(value: Any) -> str:
@@ -334,12 +371,13 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
         secret_path = _path(raw["bind_password_file"], f"{path}.bind_password_file", base_dir)
         fields["bind_password_file"] = secret_path
         try:
-            with open(secret_path, encoding="utf-8") as handle:
-                # One line; a trailing newline is not part of the password.
-                fields["bind_password"] = handle.read().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _fail(f"{path}.bind_password_file", f"cannot read: {exc.__class__.__name__}: "
-                        f"{getattr(exc, 'strerror', None) or exc}") from None
+            data, _ = read_regular(secret_path, limits.SECRET_MAX_BYTES)
+            # One line; a trailing newline is not part of the password.
+            fields["bind_password"] = data.decode("utf-8").rstrip("\r\n")
+        except FileReadError as exc:
+            raise _fail(f"{path}.bind_password_file", str(exc)) from None
+        except UnicodeDecodeError:
+            raise _fail(f"{path}.bind_password_file", f"{secret_path}: not UTF-8 text") from None
     if fields.get("bind_password") is not None and fields.get("bind_dn") is None:
         raise _fail(f"{path}.bind_dn", "required when a bind password is given")
     if "scope" in raw:
@@ -673,16 +711,27 @@ def parse(raw: Any, path: str) -> Config:
 
 
 def load(path: str) -> Config:
-    """Read and validate the configuration file at *path*."""
+    """Read and validate the configuration file at *path*.
+
+    Messages never quote the file: ``-c`` may name a file that is not a
+    configuration at all (a typo, a link to ``/etc/shadow``).  YAML errors
+    give the problem with a line and column; unknown keys are named only
+    when they look like keys.
+    """
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data, _ = read_regular(path, limits.CONFIG_MAX_BYTES)
+        raw = yaml.load(data.decode("utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except FileReadError as exc:
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = _QUOTED_RE.sub("'...'", exc.problem or exc.context or "syntax error")
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
     return parse(raw, path)
 
 

@@ -57,7 +57,7 @@ from typing import Any
 from axpolicy import log
 from axpolicy.config import Config, ConfigError, ListenConfig, digest, load, warnings
 from axpolicy.filemap import FileMapError
-from axpolicy.pidfile import PidFile
+from axpolicy.pidfile import PidFile, check_pidfile
 from axpolicy.policy import PolicyService
 from axpolicy.readsocket import ReadsocketService
 from axpolicy.router import Router
@@ -153,8 +153,22 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _address_key(spec: ListenConfig) -> str:
-    return spec.path if spec.family == "unix" else f"{spec.host}:{spec.port}"
+def listening_address(spec: ListenConfig, sock: socket.socket | None = None) -> tuple[str, Any]:
+    """Where *spec* listens, resolved (``localhost`` and ``127.0.0.1`` are one address); OSError.
+
+    With *sock* (a bound listener), the address it is really bound to.
+    Reloads match listeners by this, never by how the address is written.
+    """
+    if spec.family == "unix":
+        return ("unix", os.path.realpath(spec.path))
+    if sock is not None:
+        return ("inet", tuple(sock.getsockname()[:2]))
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(spec.host, spec.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot resolve {spec.address}: {exc.strerror}") from None
+    return ("inet", tuple(infos[0][4][:2]))
 
 
 @dataclass
@@ -251,31 +265,35 @@ class Daemon:
         except FileMapError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
             return False
+        plan = await self._plan_listeners(new, router)
+        if plan is None:
+            return False
         router.start()
         if new.log != self.config.log:
             log.configure(new.log, stderr_ok=sys.stderr is not None and not sys.stderr.closed)
         for warning in warnings(new):
             logger.warning("%s", warning)
-        old_listeners = {_address_key(listener.spec): listener for listener in self.listeners}
         listeners: list[Listener] = []
-        for spec in new.listen:
-            old = old_listeners.pop(_address_key(spec), None)
-            if old is not None and old.spec.protocol == spec.protocol:
-                old.update(spec, make_service(spec, router, new))
-                listeners.append(old)
+        kept: set[int] = set()
+        for spec, old, sock in plan:
+            service = make_service(spec, router, new)
+            if sock is None:
+                if old is not None:   # always: a plan step without a socket keeps a listener
+                    old.update(spec, service)
+                    listeners.append(old)
+                    kept.add(id(old))
                 continue
             if old is not None:
-                await old.stop(0)   # the address changes protocol: free it first
-            try:
-                sock = bind(spec)
-            except OSError as exc:
-                logger.error("reload: %s (a restart may be needed for privileged addresses)", exc.strerror or exc)
-                continue
-            listener = Listener(spec, make_service(spec, router, new), sock)
+                # The address changes protocol: the new listener took over
+                # the socket; the old one finishes its requests elsewhere.
+                self._spawn(old.stop(SHUTDOWN_GRACE_SECONDS, self._force, unlink=False))
+                kept.add(id(old))
+            listener = Listener(spec, service, sock)
             await listener.start()
             listeners.append(listener)
-        for removed in old_listeners.values():
-            self._spawn(removed.stop(SHUTDOWN_GRACE_SECONDS, self._force))
+        for removed in self.listeners:
+            if id(removed) not in kept:
+                self._spawn(removed.stop(SHUTDOWN_GRACE_SECONDS, self._force))
         previous = self.router
         self.listeners, self.router, self.config, self.digest = listeners, router, new, digest(new)
         self._spawn(self._retire(previous, router))
@@ -283,9 +301,71 @@ class Daemon:
                     self.digest[:12], "kept" if router.cache is previous.cache else "emptied")
         return True
 
+    async def _plan_listeners(self, new: Config, router: Router
+                              ) -> list[tuple[ListenConfig, Listener | None, socket.socket | None]] | None:
+        """What serves each new listener: a running one (same address, same protocol), the socket of
+        one whose protocol changes, or a socket bound now.  None (logged, nothing changed) when an
+        address cannot be resolved or bound: a reload applies whole or not at all, so that a port
+        never stops answering because its new spelling could not be bound.
+        """
+        running: dict[tuple[str, Any], Listener] = {}
+        for listener in self.listeners:
+            with contextlib.suppress(OSError):
+                running[listening_address(listener.spec, listener.sock)] = listener
+        plan: list[tuple[ListenConfig, Listener | None, socket.socket | None]] = []
+        fresh: list[socket.socket] = []
+        try:
+            for spec in new.listen:
+                old = running.pop(listening_address(spec), None)
+                if old is not None and old.spec.protocol == spec.protocol:
+                    plan.append((spec, old, None))
+                    continue
+                sock = old.sock.dup() if old is not None else bind(spec)
+                fresh.append(sock)
+                plan.append((spec, old, sock))
+        except OSError as exc:
+            for sock in fresh:
+                sock.close()
+            await router.close(keep=self.router)
+            logger.error("reload failed, keeping the running configuration and every listener: %s",
+                         exc.strerror or exc)
+            return None
+        return plan
+
     async def _retire(self, old: Router, new: Router) -> None:
         await asyncio.sleep(RELOAD_GRACE_SECONDS)
         await old.close(keep=new)
+
+
+def check(config: Config, pidfile_path: str | None = None) -> Router:
+    """Everything ``serve`` refuses before it binds, and the router it would serve (StartupError).
+
+    ``check-config`` runs exactly this, so that it refuses what ``serve``
+    refuses: no listeners, a root start without ``user``, metrics without
+    prometheus-client, a pidfile that is not a regular file, a user-map
+    file that cannot be read (missing, a FIFO, a device, invalid).
+    """
+    if not config.listen:
+        raise StartupError(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
+    if os.geteuid() == 0 and config.user is None:
+        raise StartupError(EXIT_CONFIG, "user: required when axpolicy is started as root (it drops to this "
+                                        "user after binding; write user: root to run as root on purpose)")
+    if config.metrics.listen is not None:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise StartupError(EXIT_CONFIG, "metrics.listen: prometheus-client is not installed "
+                                            "(pip install 'axpolicy[metrics]')") from None
+    path = pidfile_path or config.pidfile
+    if path is not None:
+        try:
+            check_pidfile(path)
+        except OSError as exc:
+            raise StartupError(EXIT_CONFIG, f"pidfile: {exc.strerror or exc}") from None
+    try:
+        return Router.open(config)
+    except FileMapError as exc:
+        raise StartupError(EXIT_CONFIG, str(exc)) from None
 
 
 def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
@@ -297,23 +377,9 @@ def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
     raise_file_limit()
     for warning in warnings(config):
         logger.warning("%s", warning)
-    if not config.listen:
-        raise StartupError(EXIT_CONFIG, "listen: no listeners configured, nothing to serve")
-    if os.geteuid() == 0 and config.user is None:
-        raise StartupError(EXIT_CONFIG, "user: required when axpolicy is started as root (it drops to this "
-                                        "user after binding; write user: root to run as root on purpose)")
     if config.user == "root":
         logger.warning("user: root: axpolicy will answer as root")
-    if config.metrics.listen is not None:
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            raise StartupError(EXIT_CONFIG, "metrics.listen: prometheus-client is not installed "
-                                            "(pip install 'axpolicy[metrics]')") from None
-    try:
-        router = Router.open(config)
-    except FileMapError as exc:
-        raise StartupError(EXIT_CONFIG, str(exc)) from None
+    router = check(config, pidfile_path)
     pidfile = None
     path = pidfile_path or config.pidfile
     if path is not None:

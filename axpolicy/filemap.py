@@ -7,11 +7,14 @@ DESCRIPTION
         @example.net             mail2.example.com   # catch-all for a domain
         /^sales-[a-z]+@example\\.com$/  10.0.0.7      # regular expression
 
-    Keys are normalised like every address (lowercase local part, A-label
-    domain), so case and IDNA form do not matter.  An exact key is tried
-    first, then the regular expressions in file order (Python ``re``
-    syntax, matched case-insensitively against ``user@domain``; anchor them
-    yourself with ``^`` and ``$``).  ``@domain`` keys are exact only.
+    Keys are normalised like every address (ASCII letters of the local part
+    lowercased, other characters compared exactly; A-label domain), so
+    ASCII case and IDNA form do not matter.  An exact key is tried first,
+    then the regular expressions in file order (Python ``re`` syntax with
+    ``re.ASCII``, matched case-insensitively for ASCII letters only against
+    ``user@domain``: ``[a-z]`` and ``\\w`` never match ``ı``, ``ſ`` or the
+    KELVIN SIGN; anchor them yourself with ``^`` and ``$``).  ``@domain``
+    keys are exact only.
 
     The file is re-read when its modification time, size or inode changes
     (checked at most once a second, on lookup).  A file that became invalid
@@ -19,10 +22,16 @@ DESCRIPTION
 
 LIMITS
     ``limits.FILEMAP_MAX_BYTES`` per file, ``FILEMAP_MAX_LINE_BYTES`` per line.
+    Only a regular file is read (not a FIFO or a device).
+
+    A host must be a DNS name, an IPv4 address or an IPv6 address without
+    a zone (:func:`axpolicy.address.valid_host`); a file with any other
+    host value is refused as a whole, like any other error in it.
 
 DIAGNOSTICS
     FOUND or NOTFOUND; never TEMP once loaded.  :class:`FileMapError` names
-    the file and line of the first problem.
+    the file and line of the first problem and never quotes the file (it
+    may be a file that was never meant to be a user map).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import time
 from axpolicy import limits
 from axpolicy.address import AddressError, normalize_domain, parse, valid_host
 from axpolicy.config import FileMapConfig
+from axpolicy.files import FileReadError, read_regular
 from axpolicy.result import NOTFOUND, LookupResult, found
 
 logger = logging.getLogger(__name__)
@@ -74,7 +84,7 @@ def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.
             if match["flags"]:
                 raise FileMapError(f"{where}: regex flags are not supported")
             try:
-                pattern = re.compile(match["pattern"], re.IGNORECASE)
+                pattern = re.compile(match["pattern"], re.IGNORECASE | re.ASCII)
             except re.error as exc:
                 raise FileMapError(f"{where}: bad regular expression: {exc}") from None
             patterns.append((pattern, _host(match["host"], where)))
@@ -89,9 +99,9 @@ def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.
             else:
                 key = parse(key_text).key
         except AddressError as exc:
-            raise FileMapError(f"{where}: {key_text!r}: {exc}") from None
+            raise FileMapError(f"{where}: the key cannot be a user: {exc}") from None
         if key in exact:
-            raise FileMapError(f"{where}: duplicate key {key} (first on line {first_seen[key]})")
+            raise FileMapError(f"{where}: duplicate key (first on line {first_seen[key]})")
         exact[key] = _host(host_text, where)
         first_seen[key] = number
     return exact, tuple(patterns)
@@ -99,7 +109,7 @@ def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.
 
 def _host(text: str, where: str) -> str:
     if not valid_host(text):
-        raise FileMapError(f"{where}: {text!r} is not a host name or IP address")
+        raise FileMapError(f"{where}: the host is not a host name or IP address")
     return text.lower()
 
 
@@ -109,13 +119,9 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int]:
 
 def _read(path: str) -> _Table:
     try:
-        with open(path, "rb") as handle:
-            stat = os.fstat(handle.fileno())
-            if stat.st_size > limits.FILEMAP_MAX_BYTES:
-                raise FileMapError(f"{path}: larger than {limits.FILEMAP_MAX_BYTES} bytes")
-            data = handle.read(limits.FILEMAP_MAX_BYTES + 1)
-    except OSError as exc:
-        raise FileMapError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data, stat = read_regular(path, limits.FILEMAP_MAX_BYTES)
+    except FileReadError as exc:
+        raise FileMapError(str(exc)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

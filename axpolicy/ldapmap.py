@@ -228,11 +228,15 @@ class LdapUserMap:
             self.overloaded += 1
             logger.warning("usermap %s: %d lookups pending, refusing more", self.name, self._pending)
             return temp("user map overloaded")
-        if not key.isprintable():
+        if not key.isprintable() or not key.isascii():
             # slapd cuts an escaped NUL short and then matches the prefix
             # ("alice@example.com\\00" finds alice): refuse control
-            # characters here too, not only in the router.
-            logger.info("usermap %s: key with control characters, not found: %s", self.name, _printable(key))
+            # characters here too, not only in the router.  Non-ASCII local
+            # parts are refused because the directory's own matching rules
+            # fold Unicode (caseIgnoreMatch, as on uid and cn, finds "s" for
+            # U+017F LONG S): the answer would be another user's.
+            logger.info("usermap %s: key with control or non-ASCII characters, not found: %s", self.name,
+                        _printable(key))
             return NOTFOUND
         local, _, domain = key.rpartition("@")
         values = {"s": key.encode("utf-8"), "u": local.encode("utf-8"), "d": domain.encode("utf-8")}

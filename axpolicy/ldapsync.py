@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from axpolicy import ldapwire, limits
+from axpolicy.address import ascii_lower
 from axpolicy.log import printable
 from axpolicy.result import NOTFOUND, LookupResult
 
@@ -82,8 +83,8 @@ Connect = Callable[[], tuple[socket.socket, Callable[[], None], str]]
 
 
 def fold(value: str) -> str:
-    """The form in which keys and attribute values are compared."""
-    return " ".join(value.split()).lower()
+    """The form in which keys and attribute values are compared (ASCII case folding only, as addresses)."""
+    return ascii_lower(" ".join(value.split()))
 
 
 class _Table:
@@ -168,6 +169,8 @@ class Replica:
         """The replica's answer, or None when it is not ready (search instead)."""
         if not self.ready:
             return None
+        if not key.isascii():
+            return NOTFOUND   # as a search: never asked (LdapUserMap.lookup)
         answers = self._table.answers
         answer = answers.get(key)
         if answer is None:

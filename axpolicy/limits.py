@@ -32,6 +32,11 @@ LDAP_SIZE_LIMIT = 16
 FILEMAP_MAX_BYTES = 64 * 1024 * 1024
 FILEMAP_MAX_LINE_BYTES = 4096
 
+# The configuration file and a secret file (bind_password_file): refuse a
+# wrong path (a log, a device) before it is parsed.
+CONFIG_MAX_BYTES = 1024 * 1024
+SECRET_MAX_BYTES = 4096
+
 # How often (seconds) a file user map checks whether its file changed.
 FILEMAP_CHECK_INTERVAL_SECONDS = 1.0
 

@@ -44,7 +44,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError, LineTooLong, split_lines
+from axpolicy.wire import FrameError, LineTooLong, split_lines, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,16 @@ class PolicyService:
         return request.get("recipient", "") or None
 
     def _reply(self, result: LookupResult, started: float) -> bytes:
-        STATS.record("policy", "policy", OUTCOME[result.status], time.perf_counter() - started)
-        if result.status is Status.FOUND:
-            return action_reply(expand_template(self._policy.mapped, result.value))
-        if result.status is Status.NOTFOUND:
-            return self._unmapped
-        return self._tempfail
+        status = result.status
+        reply = self._unmapped if status is Status.NOTFOUND else self._tempfail
+        if status is Status.FOUND:
+            action = expand_template(self._policy.mapped, result.value)
+            if unsafe_value("policy", action):
+                status = Status.TEMP
+            else:
+                reply = action_reply(action)
+        STATS.record("policy", "policy", OUTCOME[status], time.perf_counter() - started)
+        return reply
 
     def replay(self, data: bytes) -> bytes | None:
         """Never: every policy request carries its own instance and client attributes."""

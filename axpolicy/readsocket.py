@@ -35,7 +35,7 @@ from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError, split_map_request
+from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, split_map_request, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 def reply_body(result: LookupResult) -> bytes:
     """The reply for *result*; never an empty ``OK``."""
     if result.status is Status.FOUND and result.value:
+        if unsafe_value("readsocket", result.value):
+            return b"TEMP " + UNSAFE_VALUE_REASON.encode()
         return b"OK " + result.value.encode("utf-8")
     if result.status in (Status.FOUND, Status.NOTFOUND):
         return b"NOTFOUND"

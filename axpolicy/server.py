@@ -322,10 +322,14 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # asyncio calls listen() again on a socket it is given, with its
+        # own default of 100 unless told otherwise.
         if self.spec.family == "unix":
-            self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.sock)
+            self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.sock,
+                                                         backlog=limits.LISTEN_BACKLOG)
         else:
-            self._server = await loop.create_server(lambda: Connection(self), sock=self.sock)
+            self._server = await loop.create_server(lambda: Connection(self), sock=self.sock,
+                                                    backlog=limits.LISTEN_BACKLOG)
         self._sweeper = asyncio.create_task(self._sweep())
         logger.info("listening on %s (%s)", self.spec.address, self.spec.protocol)
 
@@ -342,10 +346,11 @@ class Listener:
             for connection in list(self.connections):
                 connection.sweep(now, self.spec.idle_timeout)
 
-    async def stop(self, grace: float, force: asyncio.Event | None = None) -> None:
+    async def stop(self, grace: float, force: asyncio.Event | None = None, unlink: bool = True) -> None:
         """Stop accepting; let requests in flight finish for up to *grace* seconds; close.
 
-        Setting *force* ends the wait at once.
+        Setting *force* ends the wait at once.  *unlink* False keeps a unix
+        socket's file: another listener took the socket over.
         """
         if self._server is not None:
             self._server.close()
@@ -359,7 +364,7 @@ class Listener:
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.close()
-        if self.spec.family == "unix":
+        if self.spec.family == "unix" and unlink:
             # After a privilege drop this may fail; the next start replaces
             # the stale socket.
             with contextlib.suppress(OSError):

@@ -37,7 +37,7 @@ from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError, split_map_request
+from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, split_map_request, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ _NOTFOUND = netstring.encode(b"NOTFOUND ")
 def reply_payload(result: LookupResult) -> bytes:
     """The unframed reply for *result*."""
     if result.status is Status.FOUND and result.value:
+        if unsafe_value("socketmap", result.value):
+            return b"TEMP " + UNSAFE_VALUE_REASON.encode()
         payload = b"OK " + result.value.encode("utf-8")
     elif result.status in (Status.FOUND, Status.NOTFOUND):
         # An empty "OK " is a configuration error in Postfix (maps.c).

@@ -34,7 +34,7 @@ from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
 from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import FrameError, LineTooLong, split_lines
+from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, LineTooLong, split_lines, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ def unquote(data: bytes) -> bytes:
 def reply_line(result: LookupResult) -> bytes:
     """The reply line (with LF) for *result*, within the 4096-byte limit."""
     if result.status is Status.FOUND and result.value:
+        if unsafe_value("tcp_table", result.value):
+            # Hex quoting would keep the line intact, but Postfix would
+            # decode the value and put it into a transport or a reply.
+            return b"400 " + quote(UNSAFE_VALUE_REASON.encode()) + b"\n"
         line = b"200 " + quote(result.value.encode("utf-8")) + b"\n"
     elif result.status in (Status.FOUND, Status.NOTFOUND):
         return b"500 not%20found\n"

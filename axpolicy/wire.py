@@ -10,7 +10,15 @@ protocol.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
+
+from axpolicy.log import printable
+
+logger = logging.getLogger(__name__)
+
+# The reason sent instead of a value that no reply may carry.
+UNSAFE_VALUE_REASON = "user map value unsafe"
 
 
 class FrameError(Exception):
@@ -99,3 +107,21 @@ def split_map_request(payload: bytes) -> tuple[str, str] | None:
         return name.decode("ascii"), key.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def unsafe_value(protocol: str, value: str) -> bool:
+    """True (and logged) when *value* must not go into a *protocol* reply.
+
+    CR, LF and NUL end or split a reply (a policy reply, an Exim readsocket
+    answer, a transport value) on every protocol; every other control,
+    format or separator character (U+2028, U+0085, ...) is refused with
+    them.  Host values are validated where the user maps read them
+    (:func:`axpolicy.address.valid_host`); this is the last guard, so that
+    no reply can ever carry such a character whatever a map or template
+    produced.
+    """
+    if value.isprintable():
+        return False
+    logger.warning("%s: refusing to answer a value with control or separator characters: %s", protocol,
+                   printable(value))
+    return True

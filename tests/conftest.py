@@ -93,6 +93,7 @@ def shipped_config(path: Path, workdir: Path, slapd: Slapd) -> dict[str, Any]:
     people["timeout"] = 1
     config["cache"]["ttl"] = 0
     config["cache"]["negative_ttl"] = 0
+    config["user"] = "root"   # the tests own the files and sockets; test_operations.py drops privileges
     return config
 
 

@@ -18,7 +18,9 @@ CANONICAL = [
     ("jose@BÜCHER.example", "jose@xn--bcher-kva.example"),
     ("jose@xn--bcher-kva.example", "jose@xn--bcher-kva.example"),
     ("jose@XN--BCHER-KVA.EXAMPLE", "jose@xn--bcher-kva.example"),
-    ("ÜSER9@relay.example", "üser9@relay.example"),
+    ("ÜSER9@relay.example", "Üser9@relay.example"),       # ASCII folded, the rest kept exactly
+    ("fran\u212a.Miller@example.com", "fran\u212a.miller@example.com"),  # KELVIN SIGN is not "k"
+    ("\u0130nci@example.com", "\u0130nci@example.com"),   # dotted capital I is not "i"
     ("st*r@example.com", "st*r@example.com"),
     ("o'hara@example.com", "o'hara@example.com"),
     ("a.b-c_d=e@sub.example.com", "a.b-c_d=e@sub.example.com"),
@@ -60,6 +62,8 @@ NEVER_USERS = [
     ("alice\x7f@example.com", "DEL"),
     ("alice@exam\u200bple.com", "zero-width space in domain"),
     ("alice@straße.example", "domain that IDNA 2003 maps to another"),
+    ("alice@exampl\u212a.com", "KELVIN SIGN that IDNA maps onto ASCII k"),
+    ("alice@\u212a\u00fc.example", "KELVIN SIGN beside a letter that stays non-ASCII"),
     ("|/bin/sh@example.com", "Exim pipe"),
     ("/etc/passwd@example.com", "Exim file"),
     (".alice@example.com", "leading dot"),
@@ -122,6 +126,9 @@ def test_search_order_is_full_key_then_base_then_domain() -> None:
     ("127.0.0.2", True), ("mail1.example.com", True), ("::1", True), ("2001:db8::5", True),
     ("[127.0.0.2]", False), ("127.0.0.2:25", False), ("host name", False), ("a,b", False),
     ("smtp:host", False), ("", False), ("-host", False), ("host.", False),
+    # An IPv6 zone id can carry anything (red-team finding).
+    ("::1%\n\naction=OK", False), ("::1%x],[victim.test]", False), ("::1%eth0", False), ("fe80::1%25", False),
+    ("::1\n", False), ("127.0.0.2\r", False), ("host\x00", False), ("a" * 256, False),
 ])
 def test_host_values_must_be_plain_names_or_addresses(host: str, ok: bool) -> None:
     assert valid_host(host) is ok
@@ -148,6 +155,17 @@ def test_whatever_parses_has_one_at_and_only_safe_characters(text: str) -> None:
     assert not set(address.key) & set("%!\"\\()*[] \r\n\x00") - {"*"}
     assert address.domain.isascii() and address.domain == address.domain.lower()
     assert parse(address.key) == address  # canonical form is a fixed point
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=40))
+def test_only_ascii_letters_are_case_folded(local: str) -> None:
+    try:
+        address = parse(f"{local}@example.com")
+    except AddressError:
+        return
+    for given_char, kept in zip(local, address.local, strict=True):
+        assert kept == (given_char.lower() if given_char.isascii() else given_char)
 
 
 def outcome(parser: Callable[[str], Address], text: str) -> Address | str:

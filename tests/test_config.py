@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ BAD = [
     (ldap_with(bind_dn="cn=x", bind_password="x", bind_password_file="/x"),
      "usermaps.people.bind_password: give bind_password or bind_password_file"),
     (ldap_with(bind_dn="cn=x", bind_password_file="/nonexistent/secret"),
-     "usermaps.people.bind_password_file: cannot read"),
+     "usermaps.people.bind_password_file: /nonexistent/secret: cannot read"),
     (ldap_with(ca_file="/nonexistent/ca.pem"), "usermaps.people.ca_file: no such file"),
     (ldap_with(colour="blue"), "usermaps.people.colour: unknown key"),
     ({"usermaps": {"f": {"type": "file"}}}, "usermaps.f.path: required"),
@@ -174,9 +175,14 @@ def test_unreadable_and_malformed_files_are_config_errors(tmp_path: Path) -> Non
         load(str(bad))
 
 
+def servable(config: dict[str, Any]) -> dict[str, Any]:
+    """*config* with what serve (and so check-config) also needs: a listener and an account to drop to."""
+    return {"listen": [{"protocol": "socketmap", "address": "inet:127.0.0.1:10041"}], "user": "nobody", **config}
+
+
 def test_check_config_prints_the_effective_configuration_with_secrets_masked(
         write_config: Callable[[dict[str, Any]], Path]) -> None:
-    path = write_config(ldap_with(bind_dn="cn=axpolicy,dc=example,dc=com", bind_password="hunter2-secret"))
+    path = write_config(servable(ldap_with(bind_dn="cn=axpolicy,dc=example,dc=com", bind_password="hunter2-secret")))
     proc = axpolicy_cli("check-config", "-c", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "hunter2-secret" not in proc.stdout + proc.stderr
@@ -209,7 +215,7 @@ def test_usage_errors_exit_64() -> None:
 
 def readsocket_config(timeout: float, delimiter: str = "+") -> dict[str, Any]:
     return ldap_with(timeout=timeout) | {
-        "recipient_delimiter": delimiter,
+        "recipient_delimiter": delimiter, "user": "nobody",
         "listen": [{"protocol": "readsocket", "address": "unix:/run/axpolicy/exim.sock"}],
         "maps": {"mailhost": {"usermap": "people", "result": "%s"}}}
 
@@ -243,3 +249,88 @@ def test_the_shipped_configurations_are_valid_and_quiet(tmp_path: Path) -> None:
             (tmp_path / "usermap").write_text((ROOT / "examples" / "usermap").read_text())
         proc = axpolicy_cli("check-config", "-c", str(path))
         assert (proc.returncode, proc.stderr) == (0, ""), shipped
+
+
+# --------------------------------------------------------------------------
+# check-config refuses what serve refuses, and never echoes a file
+
+
+@pytest.mark.parametrize("kind", ["missing", "device", "fifo", "bad host"])
+def test_check_config_reads_the_user_map_files_as_serve_does(
+        write_config: Callable[[dict[str, Any]], Path], tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "usermap"
+    if kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "bad host":
+        path.write_text("alice@example.com ::1%x],[victim.test]\n")
+    config = write_config(servable({"usermaps": {"local": {"type": "file", "path": str(path)}}}))
+    for command in ("check-config", "serve"):
+        proc = axpolicy_cli(command, "-c", str(config), timeout=20)      # a FIFO must not hang either
+        assert proc.returncode == 78, (command, proc.stderr)
+        assert str(path) in proc.stderr, (command, proc.stderr)
+        assert "victim" not in proc.stderr
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"listen": []}, "listen: no listeners configured"),
+    ({"user": None}, "user: required when axpolicy is started as root"),
+])
+def test_check_config_refuses_a_configuration_serve_would_not_start(
+        write_config: Callable[[dict[str, Any]], Path], tmp_path: Path, config: dict[str, Any], message: str) -> None:
+    if os.geteuid() != 0 and config.get("user", "") is None:
+        pytest.skip("only a root start needs user:")
+    (tmp_path / "usermap").write_text("alice@example.com 127.0.0.2\n")
+    raw = servable({"usermaps": {"local": {"type": "file", "path": str(tmp_path / "usermap")}}}) | config
+    proc = axpolicy_cli("check-config", "-c", str(write_config({k: v for k, v in raw.items() if v is not None})))
+    assert (proc.returncode, proc.stdout) == (78, "")
+    assert message in proc.stderr
+
+
+def test_a_fifo_as_the_configuration_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "axpolicy.yml"
+    os.mkfifo(fifo)
+    for command in ("check-config", "serve"):
+        proc = axpolicy_cli(command, "-c", str(fifo), timeout=20)
+        assert proc.returncode == 78
+        assert f"{fifo}: not a regular file" in proc.stderr
+
+
+SHADOW = "root:$y$j9T$5ecretSalt$h4shOfTheRootPassword:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n" \
+         "Debian-exim:!:20790::::::\n"
+
+
+@pytest.mark.parametrize("contents", [SHADOW, "root:x:0:0:root:/root:/bin/bash\n  - secret: [\n", "a: *h4sh\n"])
+def test_errors_never_quote_a_file_that_is_not_a_configuration(tmp_path: Path, contents: str) -> None:
+    """check-config -c pointed (by a typo or a link) at /etc/shadow must not print its lines."""
+    target = tmp_path / "shadow"
+    target.write_text(contents)
+    link = tmp_path / "axpolicy.yml"
+    link.symlink_to(target)
+    proc = axpolicy_cli("check-config", "-c", str(link))
+    assert proc.returncode == 78
+    for word in ("h4sh", "5ecret", "Debian-exim", "20228", "secret", "/root"):
+        assert word not in proc.stderr, proc.stderr
+    assert "line" in proc.stderr, proc.stderr        # where, instead of what
+
+
+def test_the_real_shadow_file_is_not_echoed(tmp_path: Path) -> None:
+    shadow = Path("/etc/shadow")
+    if not os.access(shadow, os.R_OK):
+        pytest.skip("/etc/shadow is not readable here")
+    link = tmp_path / "axpolicy.yml"
+    link.symlink_to(shadow)
+    proc = axpolicy_cli("check-config", "-c", str(link))
+    assert proc.returncode == 78
+    for line in shadow.read_text().splitlines():
+        name, password = line.split(":")[:2]
+        assert line not in proc.stderr and f"{name}:" not in proc.stderr, proc.stderr
+        assert len(password) < 3 or password not in proc.stderr, proc.stderr
+
+
+def test_a_secret_file_that_is_not_a_file_is_refused(write_config: Callable[[dict[str, Any]], Path]) -> None:
+    proc = axpolicy_cli("check-config", "-c", str(write_config(servable(
+        ldap_with(bind_dn="cn=x", bind_password_file="/dev/zero")))), timeout=20)
+    assert proc.returncode == 78
+    assert "usermaps.people.bind_password_file: /dev/zero: not a regular file" in proc.stderr

@@ -76,18 +76,48 @@ def test_domains_limits_which_addresses_are_looked_up(mapfile: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("alice@example.com\n", ":1: expected 'address host'"),
     ("alice@example.com 127.0.0.2 extra\n", ":1: expected"),
-    ("# ok\nalice%x@example.com 127.0.0.2\n", ":2: 'alice%x@example.com'"),
-    ("alice@example.com [127.0.0.2]\n", ":1: '[127.0.0.2]' is not a host name"),
+    ("# ok\nalice%x@example.com 127.0.0.2\n", ":2: the key cannot be a user"),
+    ("alice@example.com [127.0.0.2]\n", ":1: the host is not a host name"),
+    ("alice@example.com ::1%x],[victim.test]\n", ":1: the host is not a host name"),   # IPv6 zone id
     ("/unclosed[/ 127.0.0.2\n", ":1: bad regular expression"),
     ("/x/i 127.0.0.2\n", ":1: regex flags are not supported"),
-    ("a@example.com h1\nA@Example.com h2\n", ":2: duplicate key a@example.com (first on line 1)"),
+    ("a@example.com h1\nA@Example.com h2\n", ":2: duplicate key (first on line 1)"),
     ("@exa mple.com h1\n", ":1: expected"),
-    ("@example.com. h1\n", ":1: '@example.com.'"),
+    ("@example.com. h1\n", ":1: the key cannot be a user"),
 ])
 def test_bad_files_name_file_and_line(text: str, message: str) -> None:
     with pytest.raises(FileMapError) as info:
         parse_table(text, "usermap")
     assert message in str(info.value)
+    # Never the file's text: the path may name a file that is not a user map.
+    assert not {"alice", "127.0.0.2", "victim", "h1", "h2"} & set(str(info.value).replace(":", " ").split())
+
+
+@pytest.mark.parametrize("address", [
+    "\u017fales-east@example.com",     # LONG S: [a-z] with re.IGNORECASE matches it in Unicode mode
+    "sales-\u0131nfo@example.com",    # dotless i
+    "sales-\u212aey@example.com",     # KELVIN SIGN
+])
+def test_regular_expressions_fold_ascii_only(mapfile: Path, address: str) -> None:
+    async def go() -> None:
+        router = router_for(mapfile)
+        assert (await router.resolve(address)).status is Status.NOTFOUND
+        assert (await router.resolve(address.replace("\u017f", "s").replace("\u0131", "i")
+                                      .replace("\u212a", "k"))).status is Status.FOUND
+    run(go())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+def test_only_a_regular_file_is_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "usermap"
+    if kind == "fifo":
+        os.mkfifo(path)        # open() without O_NONBLOCK would hang here
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.mkdir()
+    with pytest.raises(FileMapError, match=f"{path}: not a regular file"):
+        FileUserMap(FileMapConfig(name="local", path=str(path)))
 
 
 def test_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from axpolicy import config
-from axpolicy.result import LookupResult, Status
+from axpolicy.result import NOTFOUND, LookupResult, Status
 from axpolicy.router import Router
 from tests.conftest import ldap_map, run
 from tests.slapd import BIND_PW, SUFFIX, Slapd
@@ -57,6 +57,7 @@ def resolve_one(router: Router, address: str) -> LookupResult:
     ("st*r@example.com", "127.0.0.2"),                 # metacharacter in a real address
     ("shared@example.com", "127.0.0.2"),               # two entries that agree
     ("7@example.com", "127.0.0.2"),                    # numeric alias
+    ("six@example.com", "::1"),                        # an IPv6 back-end
 ])
 def test_mapped_users_are_found(slapd: Slapd, address: str, host: str) -> None:
     assert resolve_one(make_router(slapd), address) == LookupResult(Status.FOUND, host)
@@ -73,9 +74,18 @@ def test_mapped_users_are_found(slapd: Slapd, address: str, host: str) -> None:
     "*",
     "alice%example.com@example.com",
     "alice@example.com.",
+    "fran\u212a.miller@example.com",  # KELVIN SIGN: str.lower() would make it frank.miller
+    "a\u017fmith@example.net",       # LONG S: slapd's caseIgnoreMatch would fold it onto asmith
 ])
 def test_unmapped_and_impossible_addresses_are_not_found(slapd: Slapd, address: str) -> None:
     assert resolve_one(make_router(slapd), address).status is Status.NOTFOUND
+
+
+def test_non_ascii_local_parts_never_reach_the_directory(slapd: Slapd) -> None:
+    """slapd's caseIgnoreMatch (uid, cn) folds U+017F LONG S onto "s": the key would find shared1."""
+    router = make_router(slapd, filter="(|(mail=%s)(uid=%u))")
+    assert resolve_all(router, "SHARED1@example.com", "\u017fhared1@example.com") == [
+        LookupResult(Status.FOUND, "127.0.0.2"), NOTFOUND]
 
 
 def test_entry_without_the_host_attribute_is_not_found_with_a_warning(
@@ -95,6 +105,8 @@ def test_catch_all_entries_are_used_only_when_configured(slapd: Slapd) -> None:
     ("twin@example.com", {}, "user map entry is ambiguous"),
     ("erin@example.com", {"host_attribute": "description"}, "user map entry is ambiguous"),
     ("badhost@example.com", {}, "user map entry has a bad host"),
+    ("zonebreak@example.com", {}, "user map entry has a bad host"),   # IPv6 zone id hiding a line break
+    ("zonehop@example.com", {}, "user map entry has a bad host"),     # ... and a second next hop
     ("alice@example.com", {"base": "ou=missing,dc=example,dc=com"}, "user map search failed"),
     ("alice@example.com", {"base": SUFFIX}, "user map returned a referral"),
     ("alice@example.com", {"base": "ou=partners,dc=example,dc=com"}, "user map search incomplete"),

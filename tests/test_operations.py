@@ -182,6 +182,64 @@ def test_pidfile_from_the_configuration_is_written_and_removed(slapd: Slapd, tmp
     assert not pidfile.exists()
 
 
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo"])
+def test_a_pidfile_that_is_a_link_or_not_a_file_is_refused_and_its_target_untouched(
+        slapd: Slapd, tmp_path: Path, kind: str) -> None:
+    """Planted in a directory others can write, a link would make root truncate any file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    pidfile = tmp_path / "run.pid"
+    if kind == "symlink":
+        pidfile.symlink_to(victim)
+    elif kind == "hardlink":
+        os.link(victim, pidfile)
+    else:
+        os.mkfifo(pidfile)
+    config = tmp_path / "axpolicy.yml"
+    config.write_text(yaml.safe_dump(base_config(slapd, tmp_path, user="root", pidfile=str(pidfile))))
+    for command in ("check-config", "serve"):
+        proc = axpolicy_cli(command, "-c", str(config), timeout=30)
+        assert proc.returncode == 78, proc.stderr
+        assert f"pidfile: {pidfile}" in proc.stderr, proc.stderr
+        assert "refusing" in proc.stderr, proc.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_pidfile_is_opened_without_following_links(tmp_path: Path) -> None:
+    """The check before binding and the open itself are separate steps: the open refuses on its own."""
+    from axpolicy.pidfile import PidFile
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "run.pid").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        PidFile(str(tmp_path / "run.pid")).acquire()
+    assert victim.read_text() == "precious\n"
+
+
+# --------------------------------------------------------------------------
+# listening sockets
+
+
+def test_listening_sockets_have_the_projects_backlog(slapd: Slapd, tmp_path: Path) -> None:
+    """asyncio would call listen(100) again on a socket it is given."""
+    from axpolicy import limits
+
+    server = Axpolicy(tmp_path, base_config(slapd, tmp_path))
+    server.start()
+    try:
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        port = server.address("socketmap").rsplit(":", 1)[1]
+        shown = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+        backlog = int(shown.stdout.split()[2])      # State Recv-Q Send-Q: Send-Q is the backlog
+        assert backlog == min(limits.LISTEN_BACKLOG, somaxconn), shown.stdout
+        unix = subprocess.run(["ss", "-lxH", "src", f"{tmp_path}/axpolicy.sock"], capture_output=True, text=True,
+                              check=True)
+        assert int(unix.stdout.split()[3]) == min(limits.LISTEN_BACKLOG, somaxconn), unix.stdout
+    finally:
+        assert server.stop() == 0, server.log
+
+
 # --------------------------------------------------------------------------
 # syslog
 
@@ -252,6 +310,55 @@ def _connects(address: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_sighup_matches_listeners_by_address_not_by_spelling(slapd: Slapd, tmp_path: Path) -> None:
+    """127.0.0.1:P written as localhost:P is the same listener: kept, connections and all."""
+    config = base_config(slapd, tmp_path)
+    server = Axpolicy(tmp_path, config)
+    server.start()
+    try:
+        address = server.address("socketmap")
+        client = SocketmapClient(address)
+        assert client.query("transport", "alice@example.com") == b"OK relay:[127.0.0.2]"
+        new = dict(config)
+        new["listen"] = [dict(config["listen"][0], address=address.replace("127.0.0.1", "localhost")),
+                         *config["listen"][1:]]
+        server.write_config(new)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in server.log)
+        assert "reload failed" not in server.log and "stopped listening" not in server.log, server.log
+        assert client.query("transport", "alice@example.com") == b"OK relay:[127.0.0.2]"   # same connection
+        assert _answers(address)
+        client.close()
+    finally:
+        assert server.stop() == 0, server.log
+
+
+def test_sighup_whose_new_listener_cannot_bind_changes_nothing(slapd: Slapd, tmp_path: Path) -> None:
+    config = base_config(slapd, tmp_path)
+    server = Axpolicy(tmp_path, config)
+    server.start()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    try:
+        dropped = server.address("socketmap")
+        taken = f"inet:127.0.0.1:{squatter.getsockname()[1]}"
+        new = dict(config)
+        new["listen"] = [*config["listen"][1:], {"protocol": "tcp_table", "address": taken, "map": "transport"}]
+        new["maps"] = {"transport": {"usermap": "people", "result": "smtp:[%s]"}}
+        server.write_config(new)
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload failed" in server.log)
+        assert "keeping the running configuration and every listener" in server.log
+        assert "Address already in use" in server.log
+        # The listener the new file dropped still answers, with the old answers.
+        assert _answers(dropped)
+        assert "stopped listening" not in server.log and "reloaded" not in server.log
+    finally:
+        squatter.close()
+        assert server.stop() == 0, server.log
 
 
 def test_sighup_with_an_invalid_configuration_keeps_the_running_one(slapd: Slapd, tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ KEYS = [
     "shared@example.com", "twin@example.com", "badhost@example.com", "7@example.com", "user20@example.com",
     "@example.org", "@example.com", "nobody@example.com", "alice@example.co", "*@example.com",
     "whoami@example.com", "user21@example.com", "dave@example.com", "erin@example.com", "carol@example.net",
-    "oscar@example.com", "Alice@Example.com",
+    "oscar@example.com", "Alice@Example.com", "zonebreak@example.com", "zonehop@example.com", "six@example.com",
+    "a\u017fmith@example.net", "fran\u212a.miller@example.com",
 ]
 
 
