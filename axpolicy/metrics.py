@@ -25,6 +25,8 @@ METRICS
     axpolicy_replica_refreshes_total{usermap}, axpolicy_replica_updates_total{usermap},
     axpolicy_replica_losses_total{usermap}
     axpolicy_connections{listener,protocol}  (open now)
+    axpolicy_connections_evicted_total{listener,protocol}  (idle ones closed to admit new ones)
+    axpolicy_connections_refused_total{listener,protocol}  (at max_connections with every one busy)
     axpolicy_protocol_errors_total{listener,protocol}
     axpolicy_config_info{digest}  (always 1)
 
@@ -106,12 +108,19 @@ class _Collector:
                                         labels=["listener", "protocol"])
         protocol_errors = CounterMetricFamily("axpolicy_protocol_errors", "Connections closed for protocol errors",
                                               labels=["listener", "protocol"])
+        evicted = CounterMetricFamily("axpolicy_connections_evicted",
+                                      "Idle connections closed at max_connections to admit new ones",
+                                      labels=["listener", "protocol"])
+        refused = CounterMetricFamily("axpolicy_connections_refused",
+                                      "Connections refused at max_connections with every connection busy",
+                                      labels=["listener", "protocol"])
         for listener in listeners:
             labels = [listener.spec.address, listener.spec.protocol]
             connections.add_metric(labels, len(listener.connections))
             protocol_errors.add_metric(labels, listener.protocol_errors)
-        yield connections
-        yield protocol_errors
+            evicted.add_metric(labels, listener.evicted)
+            refused.add_metric(labels, listener.refused)
+        yield from (connections, protocol_errors, evicted, refused)
         info = GaugeMetricFamily("axpolicy_config_info", "Digest of the effective configuration", labels=["digest"])
         info.add_metric([digest], 1)
         yield info

@@ -10,8 +10,12 @@ DESCRIPTION
     connection, later requests are answered as soon as the earlier ones are.
 
 LIMITS
-    ``max_connections`` per listener (more are closed at once, with a
-    warning); ``PIPELINE_DEPTH`` requests in flight per connection (then
+    ``max_connections`` per listener: at the limit, a new connection is
+    admitted by closing the connection that has been idle the longest
+    (nothing in flight, no request half-read), so that idle clients (a
+    large Postfix process limit, one misbehaving local client) can never
+    lock fresh ones out; only when every connection is busy is the new one
+    closed at once, with a warning; ``PIPELINE_DEPTH`` requests in flight per connection (then
     reading pauses); ``idle_timeout`` per listener for connections with
     nothing in flight, and the same time for a request that is still
     incomplete (slowloris).  A client that does not read its replies stops
@@ -294,6 +298,15 @@ class Connection(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and no request half-read: closing it loses nothing."""
+        return not self._queue and self._partial_since is None and not self._closing
+
+    @property
+    def last_activity(self) -> float:
+        return self._last_activity
+
 
 class Listener:
     """Serves one listening socket with one protocol service."""
@@ -302,23 +315,35 @@ class Listener:
         self.spec = spec
         self.service = service
         self.sock = sock
-        self.connections: set[Connection] = set()
+        # Insertion-ordered: among connections idle since the same moment,
+        # the oldest is closed first.
+        self.connections: dict[Connection, None] = {}
         self.protocol_errors = 0
         self.refused = 0
+        self.evicted = 0
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def admit(self, connection: Connection) -> bool:
+        """Take *connection* in; at the limit, close the longest idle one for it, or refuse it."""
         if len(self.connections) >= self.spec.max_connections:
-            self.refused += 1
-            logger.warning("%s on %s: %d connections, refusing %s", self.spec.protocol, self.spec.address,
-                           len(self.connections), connection.peer)
-            return False
-        self.connections.add(connection)
+            idle = [c for c in self.connections if c.idle]
+            if not idle:
+                self.refused += 1
+                logger.warning("%s on %s: %d connections, all busy; refusing %s", self.spec.protocol,
+                               self.spec.address, len(self.connections), connection.peer)
+                return False
+            oldest = min(idle, key=lambda c: c.last_activity)
+            self.evicted += 1
+            logger.info("%s on %s: %d connections; closing the longest idle (%s) for %s", self.spec.protocol,
+                        self.spec.address, len(self.connections), oldest.peer, connection.peer)
+            self.forget(oldest)
+            oldest.close()
+        self.connections[connection] = None
         return True
 
     def forget(self, connection: Connection) -> None:
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -212,6 +212,37 @@ def test_overload_gives_fast_temporary_failures_not_a_queue(make_server: Any, sl
     assert "axpolicy_ldap_overloaded_total{usermap=\"people\"}" in metrics(server)
 
 
+def test_at_the_connection_limit_idle_clients_make_room_and_busy_ones_do_not(
+        make_server: Any, slapd: Slapd) -> None:
+    cfg = config(slapd)
+    cfg["listen"][2]["max_connections"] = 3          # policy
+    server = make_server(cfg)
+    address = server.address("policy")
+    half = b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient=user1@example.com\n"
+    busy = [connect(address) for _ in range(3)]
+    try:
+        for sock in busy:
+            sock.sendall(half)                       # a request half-read: busy
+        time.sleep(0.3)
+        late = connect(address)
+        late.settimeout(10)
+        assert late.recv(10) == b""                  # every connection busy: refused
+        late.close()
+        busy[0].sendall(b"\n")                       # finishes its request: idle once answered
+        busy[0].settimeout(10)
+        assert busy[0].recv(100) == b"action=OK\n\n"
+        fresh = LineClient(address)                  # admitted: busy[0] makes room
+        assert fresh.policy(rcpt_policy("user2@example.com")) == b"action=OK\n\n"
+        fresh.close()
+        assert busy[0].recv(10) == b""
+        text = metrics(server)
+        assert f'axpolicy_connections_refused_total{{listener="{address}",protocol="policy"}} 1.0' in text
+        assert f'axpolicy_connections_evicted_total{{listener="{address}",protocol="policy"}} 1.0' in text
+    finally:
+        for sock in busy:
+            sock.close()
+
+
 def test_connection_limit_bounds_memory_and_others_are_still_served(
         make_server: Any, slapd: Slapd) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -225,18 +256,21 @@ def test_connection_limit_bounds_memory_and_others_are_still_served(
     try:
         for _ in range(3000):
             sockets.append(connect(server.address("policy")))
-        # Half-open and slow clients among them.
-        for sock in sockets[:100]:
-            sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RC")
-        time.sleep(1)
-        refused = 0
-        for sock in sockets[1500:]:
+        # Beyond the cap, each new connection costs the one idle the longest.
+        for sock in sockets[:1500]:
             sock.settimeout(10)
             try:
-                refused += sock.recv(10) == b""
+                assert sock.recv(10) == b""
             except ConnectionError:
-                refused += 1
-        assert refused == 1500                        # beyond the cap: closed at once
+                pass
+        # Half-open and slow clients among those left.
+        for sock in sockets[1500:1600]:
+            sock.sendall(b"request=smtpd_access_policy\nprotocol_state=RC")
+        time.sleep(1)
+        for sock in sockets[1500:]:
+            sock.settimeout(0)
+            with pytest.raises(BlockingIOError):
+                sock.recv(10)                        # still open: nothing to read
         rss_loaded = rss_kib(server.proc.pid)
         policy = LineClient(server.address("tcp_table"))
         assert policy.tcp_get(b"user1@example.com") == b"200 relay:[127.0.0.2]\n"
