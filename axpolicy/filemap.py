@@ -190,8 +190,11 @@ class FileUserMap:
             return False
         try:
             table = _read(self._path)
-        except FileMapError as exc:
-            logger.error("usermap %s: reload failed, keeping the loaded map: %s", self.name, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the loaded map stays
+            if isinstance(exc, FileMapError):
+                logger.error("usermap %s: reload failed, keeping the loaded map: %s", self.name, exc)
+            else:
+                logger.exception("usermap %s: reload failed, keeping the loaded map", self.name)
             # Remember the bad version so the error is logged once per change.
             self._table = dataclasses.replace(self._table, signature=signature)
             return False

@@ -27,6 +27,7 @@ METRICS
     axpolicy_connections{listener,protocol}  (open now)
     axpolicy_connections_evicted_total{listener,protocol}  (idle ones closed to admit new ones)
     axpolicy_connections_refused_total{listener,protocol}  (at max_connections with every one busy)
+    axpolicy_internal_errors_total{listener,protocol}  (requests answered "temporary failure" for a bug)
     axpolicy_protocol_errors_total{listener,protocol}
     axpolicy_config_info{digest}  (always 1)
 
@@ -114,13 +115,17 @@ class _Collector:
         refused = CounterMetricFamily("axpolicy_connections_refused",
                                       "Connections refused at max_connections with every connection busy",
                                       labels=["listener", "protocol"])
+        internal = CounterMetricFamily("axpolicy_internal_errors",
+                                       "Requests answered with a temporary failure because of an unexpected error",
+                                       labels=["listener", "protocol"])
         for listener in listeners:
             labels = [listener.spec.address, listener.spec.protocol]
+            internal.add_metric(labels, listener.internal_errors)
             connections.add_metric(labels, len(listener.connections))
             protocol_errors.add_metric(labels, listener.protocol_errors)
             evicted.add_metric(labels, listener.evicted)
             refused.add_metric(labels, listener.refused)
-        yield from (connections, protocol_errors, evicted, refused)
+        yield from (connections, protocol_errors, evicted, refused, internal)
         info = GaugeMetricFamily("axpolicy_config_info", "Digest of the effective configuration", labels=["digest"])
         info.add_metric([digest], 1)
         yield info

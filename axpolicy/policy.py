@@ -144,6 +144,7 @@ class PolicyService:
         self._policy = policy
         self._tempfail = action_reply(policy.tempfail)
         self._unmapped = action_reply(policy.unmapped)
+        self.tempfail_reply = self._tempfail
 
     def framer(self) -> _Framer:
         return _Framer()

@@ -92,6 +92,7 @@ class ReadsocketService:
 
     protocol = "readsocket"
     close_after_reply = True
+    tempfail_reply = b"TEMP internal error"
 
     def __init__(self, router: Router, default_map: str | None) -> None:
         self._router = router

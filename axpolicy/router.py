@@ -32,7 +32,7 @@ from axpolicy.address import AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
 from axpolicy.config import Config, expand_template
 from axpolicy.log import printable
-from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm
+from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm, temp
 from axpolicy.usermap import UserMap, open_usermap
 
 logger = logging.getLogger(__name__)
@@ -276,7 +276,11 @@ class Router:
         return await asyncio.shield(task)
 
     async def _fetch(self, target: UserMap, key: str, cache_key: str) -> LookupResult:
-        result = await target.lookup(key)
+        try:
+            result = await target.lookup(key)
+        except Exception:  # noqa: BLE001 - shared by every waiting client: one TEMP, one traceback
+            logger.exception("user map %s: unexpected error looking up %s", target.name, printable(key))
+            result = temp("user map internal error")
         if result.status is Status.TEMP:
             stale = self.cache.get_stale(cache_key)
             if stale is not None:

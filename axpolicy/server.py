@@ -23,8 +23,12 @@ LIMITS
 
 DIAGNOSTICS
     Framing errors and limit hits are logged as warnings with the peer;
-    idle closes at debug level.  An exception while answering is logged
-    with its traceback and closes that one connection.
+    idle closes at debug level.  This is the one place where an unexpected
+    exception while answering (a bug below a protocol) becomes the
+    protocol's temporary failure: it is logged once with its traceback,
+    the client gets socketmap ``TEMP``, tcp_table ``400``, policy's
+    ``tempfail`` action or readsocket ``TEMP``, and the connection stays
+    open.
 """
 
 from __future__ import annotations
@@ -217,7 +221,10 @@ class Connection(asyncio.Protocol):
         if not self._queue and self._transport is not None:
             # Fast path: nothing owed before this request and the answer is
             # known without I/O (a cache hit): reply in this callback.
-            reply = service.answer_now(request, whole)
+            try:
+                reply = service.answer_now(request, whole)
+            except Exception as exc:  # noqa: BLE001 - a bug must become a temporary failure
+                reply = self._internal_error(exc)
             if reply is not None:
                 self._transport.write(reply)
                 if service.close_after_reply:
@@ -236,12 +243,7 @@ class Connection(asyncio.Protocol):
             if task.cancelled():
                 continue
             error = task.exception()
-            if error is not None:
-                logger.error("%s from %s: error while answering; closing",
-                             self._service.protocol, self.peer, exc_info=error)
-                self.close()
-                return
-            reply = task.result()
+            reply = task.result() if error is None else self._internal_error(error)
             if reply is None:
                 self.close()
                 return
@@ -256,6 +258,13 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._maybe_resume_reading()
+
+    def _internal_error(self, error: BaseException) -> bytes:
+        """The temporary-failure reply for a request whose answer raised *error* (logged once)."""
+        logger.error("%s from %s: unexpected error while answering; answering temporary failure",
+                     self._service.protocol, self.peer, exc_info=error)
+        self._listener.internal_errors += 1
+        return self._service.tempfail_reply
 
     def _maybe_resume_reading(self) -> None:
         if (self._reading_paused and not self._writing_paused and not self._eof
@@ -321,6 +330,7 @@ class Listener:
         self.protocol_errors = 0
         self.refused = 0
         self.evicted = 0
+        self.internal_errors = 0
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
 

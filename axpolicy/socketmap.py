@@ -92,6 +92,7 @@ class SocketmapService:
 
     protocol = "socketmap"
     close_after_reply = False
+    tempfail_reply = netstring.encode(b"TEMP internal error")
 
     def __init__(self, router: Router) -> None:
         self._router = router

@@ -109,6 +109,7 @@ class TcpTableService:
 
     protocol = "tcp_table"
     close_after_reply = False
+    tempfail_reply = b"400 internal%20error\n"
 
     def __init__(self, router: Router, map_name: str) -> None:
         self._router = router

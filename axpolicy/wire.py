@@ -55,6 +55,9 @@ class Service(Protocol):
 
     protocol: str
     close_after_reply: bool
+    # The protocol's "temporary failure" reply, sent for a request whose
+    # answer raised an unexpected exception (the server logs it once).
+    tempfail_reply: bytes
 
     def framer(self) -> Framer:
         ...
