@@ -11,7 +11,9 @@ DESCRIPTION
     so a configuration and its user-map file can be copied together.
 
     Secrets (``bind_password_file``) are read here, at load time, which is
-    before the daemon drops privileges.
+    before the daemon drops privileges, through a :class:`Secrets` that
+    remembers them: a reload after the drop keeps a secret whose file the
+    unprivileged process cannot read, when its path did not change.
 
 SECURITY
     :func:`effective` masks secrets; nothing else in axpolicy prints them.
@@ -194,6 +196,31 @@ class Config:
         return next(iter(self.usermaps))
 
 
+class Secrets:
+    """The secret files read so far (path -> contents), kept for reloads after the privilege drop."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, str] = {}
+        self.kept: list[str] = []     # what read() fell back on since the caller last looked
+
+    def read(self, path: str, key: str) -> str:
+        """The one-line secret in *path* (ConfigError naming *key*), or the one read before from there."""
+        try:
+            data, _ = read_regular(path, limits.SECRET_MAX_BYTES)
+        except FileReadError as exc:
+            if path in self._known:
+                self.kept.append(f"{key}: {exc}; keeping the secret read from it before")
+                return self._known[path]
+            raise _fail(key, str(exc)) from None
+        try:
+            # One line; a trailing newline is not part of the password.
+            secret = data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise _fail(key, f"{path}: not UTF-8 text") from None
+        self._known[path] = secret
+        return secret
+
+
 # --------------------------------------------------------------------------
 # Validation helpers.  Each takes the dotted path of the value it checks so
 # that every message can name the key.
@@ -330,7 +357,7 @@ def check_replica_filter(template: str, path: str) -> None:
                           "or a filter like (|(mail=%s)(mailAlternateAddress=%s))") from None
 
 
-def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapMapConfig:
+def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str, secrets: Secrets) -> LdapMapConfig:
     _known(raw, _LDAP_KEYS, path)
     servers_raw = raw.get("servers")
     if isinstance(servers_raw, str):
@@ -370,14 +397,7 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str) -> LdapM
     if raw.get("bind_password_file") is not None:
         secret_path = _path(raw["bind_password_file"], f"{path}.bind_password_file", base_dir)
         fields["bind_password_file"] = secret_path
-        try:
-            data, _ = read_regular(secret_path, limits.SECRET_MAX_BYTES)
-            # One line; a trailing newline is not part of the password.
-            fields["bind_password"] = data.decode("utf-8").rstrip("\r\n")
-        except FileReadError as exc:
-            raise _fail(f"{path}.bind_password_file", str(exc)) from None
-        except UnicodeDecodeError:
-            raise _fail(f"{path}.bind_password_file", f"{secret_path}: not UTF-8 text") from None
+        fields["bind_password"] = secrets.read(secret_path, f"{path}.bind_password_file")
     if fields.get("bind_password") is not None and fields.get("bind_dn") is None:
         raise _fail(f"{path}.bind_dn", "required when a bind password is given")
     if "scope" in raw:
@@ -421,7 +441,7 @@ def _named_section(name: str, raw: Any, path: str) -> dict[str, Any]:
     return _mapping(raw, path)
 
 
-def _usermaps(value: Any, base_dir: str) -> dict[str, UserMapConfig]:
+def _usermaps(value: Any, base_dir: str, secrets: Secrets) -> dict[str, UserMapConfig]:
     raw_maps = _mapping(value, "usermaps")
     if not raw_maps:
         raise _fail("usermaps", "at least one user map is required")
@@ -431,7 +451,7 @@ def _usermaps(value: Any, base_dir: str) -> dict[str, UserMapConfig]:
         raw = _named_section(name, raw, path)
         kind = raw.get("type")
         if kind == "ldap":
-            maps[name] = _ldap_map(name, raw, path, base_dir)
+            maps[name] = _ldap_map(name, raw, path, base_dir, secrets)
         elif kind == "file":
             maps[name] = _file_map(name, raw, path, base_dir)
         else:
@@ -683,14 +703,14 @@ _TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "m
              "user", "group", "pidfile", "log", "metrics"}
 
 
-def parse(raw: Any, path: str) -> Config:
+def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
     """Validate the parsed YAML document *raw* that was read from *path*."""
     top = _mapping(raw if raw is not None else {}, "(top level)")
     _known(top, _TOP_KEYS, "")
     if "usermaps" not in top:
         raise _fail("usermaps", "required")
     base_dir = os.path.dirname(os.path.abspath(path))
-    usermaps = _usermaps(top["usermaps"], base_dir)
+    usermaps = _usermaps(top["usermaps"], base_dir, secrets if secrets is not None else Secrets())
     domains = _domains(top.get("domains"))
     maps = _maps(top.get("maps", {}), usermaps, domains)
     return Config(
@@ -710,7 +730,7 @@ def parse(raw: Any, path: str) -> Config:
     )
 
 
-def load(path: str) -> Config:
+def load(path: str, secrets: Secrets | None = None) -> Config:
     """Read and validate the configuration file at *path*.
 
     Messages never quote the file: ``-c`` may name a file that is not a
@@ -732,7 +752,7 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"{path}: not valid YAML") from None
-    return parse(raw, path)
+    return parse(raw, path, secrets)
 
 
 def warnings(config: Config) -> list[str]:

@@ -12,8 +12,15 @@ DESCRIPTION
     5. with ``--daemon``, detach (python-daemon's DaemonContext: fork,
        setsid, umask 022, working directory /, the sockets and the pidfile
        preserved) and write the daemon's pid;
-    6. drop to ``user``/``group``;
-    7. start the event loop and answer.
+    6. import everything the daemon may import later and make the event
+       loop (uvloop) and its thread pool (:func:`preload`): after the drop
+       the interpreter's own files may be unreadable;
+    7. drop to ``user``/``group``;
+    8. start the event loop and answer.
+
+    Secrets are kept from step 1: a reload reuses a secret whose file the
+    unprivileged process can no longer read, as long as its path is the
+    same (and says so in the log).
 
     Started as root, axpolicy refuses to keep running as root unless the
     configuration says ``user: root``.
@@ -43,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import importlib.util
 import logging
 import os
 import pwd
@@ -55,7 +63,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from axpolicy import log
-from axpolicy.config import Config, ConfigError, ListenConfig, digest, load, warnings
+from axpolicy.config import Config, ConfigError, ListenConfig, Secrets, digest, load, warnings
 from axpolicy.filemap import FileMapError
 from axpolicy.pidfile import PidFile, check_pidfile
 from axpolicy.policy import PolicyService
@@ -129,6 +137,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         with contextlib.suppress(PermissionError):
             os.setuid(0)
             raise PermissionError(1, "privileges could be regained after dropping them")
+    logger.info("privileges dropped: now uid %d, gid %d", os.getuid(), os.getgid())
 
 
 def raise_file_limit() -> None:
@@ -145,12 +154,37 @@ def raise_file_limit() -> None:
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when it is installed, else the standard loop."""
+    """uvloop when it is installed, else the standard loop (said in the log either way)."""
+    if importlib.util.find_spec("uvloop") is None:
+        logger.info("uvloop is not installed; using asyncio's own event loop")
+        return asyncio.new_event_loop()
     try:
         import uvloop
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001 - installed but broken: say so, run without it
+        logger.warning("uvloop is installed but cannot be imported (%s); using asyncio's own event loop", exc)
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def preload(config: Config) -> asyncio.AbstractEventLoop:
+    """Import now, as root, everything the daemon may import later, and make its event loop.
+
+    After the privilege drop the process may no longer be able to read its
+    own Python: pyenv's and CI's interpreters live under a 0700 home, and a
+    lazy import there fails (``No module named 'concurrent.futures.thread'``
+    from the first ``run_in_executor``).  So every module a lookup, a
+    reload or the metrics endpoint may need is imported here, the loop
+    (uvloop) is made here, and so is its default executor.
+    """
+    import concurrent.futures.thread  # noqa: F401 - run_in_executor's executor, imported lazily by asyncio
+
+    import axpolicy.filemap  # noqa: F401 - a reload may add a map of either type
+    import axpolicy.ldapmap  # noqa: F401
+    if importlib.util.find_spec("prometheus_client") is not None:
+        import axpolicy.metrics  # noqa: F401
+    loop = new_event_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(thread_name_prefix="axpolicy"))
+    return loop
 
 
 def listening_address(spec: ListenConfig, sock: socket.socket | None = None) -> tuple[str, Any]:
@@ -178,6 +212,7 @@ class _Prepared:
     bound: list[tuple[ListenConfig, socket.socket]]
     metrics_sock: socket.socket | None
     pidfile: PidFile | None
+    secrets: Secrets
 
 
 class Daemon:
@@ -191,6 +226,7 @@ class Daemon:
         self.listeners = [Listener(spec, make_service(spec, prepared.router, prepared.config), sock)
                           for spec, sock in prepared.bound]
         self._metrics_sock = prepared.metrics_sock
+        self._secrets = prepared.secrets
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._reloading = False
@@ -253,10 +289,14 @@ class Daemon:
 
     async def _reload(self) -> bool:
         try:
-            new = load(self.config_path)
+            new = load(self.config_path, self._secrets)
         except ConfigError as exc:
             logger.error("reload failed, keeping the running configuration: %s", exc)
             return False
+        finally:
+            for note in self._secrets.kept:
+                logger.warning("reload: %s", note)
+            self._secrets.kept.clear()
         for key in ("user", "group", "pidfile", "metrics"):
             if getattr(new, key) != getattr(self.config, key):
                 logger.warning("reload: %s changed; it takes effect at the next restart", key)
@@ -369,8 +409,9 @@ def check(config: Config, pidfile_path: str | None = None) -> Router:
 
 
 def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
+    secrets = Secrets()
     try:
-        config = load(config_path)
+        config = load(config_path, secrets)
     except ConfigError as exc:
         raise StartupError(EXIT_CONFIG, str(exc)) from None
     log.configure(config.log)
@@ -399,7 +440,7 @@ def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
         if pidfile is not None:
             pidfile.release()
         raise StartupError(EXIT_OSERR, str(exc.strerror or exc)) from None
-    return _Prepared(config, router, bound, metrics_sock, pidfile)
+    return _Prepared(config, router, bound, metrics_sock, pidfile, secrets)
 
 
 def serve(config_path: str, *, daemonize: bool = False, pidfile_path: str | None = None) -> int:
@@ -425,12 +466,13 @@ def serve(config_path: str, *, daemonize: bool = False, pidfile_path: str | None
     try:
         if pidfile is not None:
             pidfile.write(os.getpid())
+        loop = preload(prepared.config)
         try:
             drop_privileges(prepared.config.user, prepared.config.group)
         except (OSError, KeyError) as exc:
             logger.critical("cannot drop privileges: %s", exc)
+            loop.close()
             return EXIT_OSERR
-        loop = new_event_loop()
         try:
             server = loop.run_until_complete(_make_daemon(config_path, prepared))
             loop.run_until_complete(server.run())

@@ -39,6 +39,7 @@ class Axpolicy:
         self.config_path = workdir / "axpolicy.yml"
         self.log_path = workdir / "axpolicy.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.python_flags: list[str] = []     # e.g. ["-X", "importtime"]
         self.write_config(config)
 
     def write_config(self, config: dict[str, Any]) -> None:
@@ -56,7 +57,8 @@ class Axpolicy:
     def start(self, *extra: str, deadline_seconds: float = 20.0) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "axpolicy", "serve", "-c", str(self.config_path), *extra],
+        self.proc = subprocess.Popen([sys.executable, *self.python_flags, "-m", "axpolicy", "serve", "-c",
+                                      str(self.config_path), *extra],
                                      stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + deadline_seconds
