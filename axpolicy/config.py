@@ -65,8 +65,9 @@ class LdapMapConfig:
     filter: str = DEFAULT_FILTER
     host_attribute: str = "mailHost"
     timeout: float = 3.0
+    connect_timeout: float = 1.0
     pool_size: int = 4
-    queue_size: int = 256
+    queue_size: int = 4096
     catchall: bool = False
     failback_interval: float = 30.0
     replica: bool = False
@@ -417,13 +418,16 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str, secrets:
         fields["host_attribute"] = attr
     if "timeout" in raw:
         fields["timeout"] = _number(raw["timeout"], f"{path}.timeout", minimum=0.05, maximum=300)
+    if "connect_timeout" in raw:
+        fields["connect_timeout"] = _number(raw["connect_timeout"], f"{path}.connect_timeout", minimum=0.05,
+                                            maximum=300)
     if "failback_interval" in raw:
         fields["failback_interval"] = _number(raw["failback_interval"], f"{path}.failback_interval",
                                               minimum=0, maximum=86400)
     if "pool_size" in raw:
         fields["pool_size"] = _int(raw["pool_size"], f"{path}.pool_size", minimum=1, maximum=64)
     if "queue_size" in raw:
-        fields["queue_size"] = _int(raw["queue_size"], f"{path}.queue_size", minimum=0, maximum=100000)
+        fields["queue_size"] = _int(raw["queue_size"], f"{path}.queue_size", minimum=1, maximum=1000000)
     return LdapMapConfig(**fields)
 
 

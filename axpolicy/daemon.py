@@ -257,8 +257,11 @@ class Daemon:
         await asyncio.gather(*(listener.stop(SHUTDOWN_GRACE_SECONDS, self._force) for listener in self.listeners))
         if metrics is not None:
             await metrics.stop()
-        for task in list(self._background):
+        background = list(self._background)
+        for task in background:
             task.cancel()
+        # A retiring router closes its user maps (replicas) as it is cancelled.
+        await asyncio.gather(*background, return_exceptions=True)
         await self.router.close()
         logger.info("stopped")
 
@@ -373,8 +376,10 @@ class Daemon:
         return plan
 
     async def _retire(self, old: Router, new: Router) -> None:
-        await asyncio.sleep(RELOAD_GRACE_SECONDS)
-        await old.close(keep=new)
+        try:
+            await asyncio.sleep(RELOAD_GRACE_SECONDS)
+        finally:
+            await old.close(keep=new)
 
 
 def check(config: Config, pidfile_path: str | None = None) -> Router:

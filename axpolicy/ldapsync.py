@@ -8,13 +8,15 @@ DESCRIPTION
     attribute of every entry that the filter could match) and answers from
     memory, the way an OpenLDAP consumer would, but without a database.
 
-    One thread per map holds one connection: it sends a content
-    synchronization search in refreshAndPersist mode without a cookie, so
-    the server first sends every entry (the refresh), then a Sync Info
-    message, then each change as it happens (the persist phase).  The
-    refresh is built off to the side and installed in one step on the
-    event loop; each change is applied on the event loop too, so lookups
-    never see a half-applied change and need no lock.
+    One task on the event loop holds one connection of the map's own kind
+    (:mod:`axpolicy.ldapconn`: the same servers, TLS, bind and failover
+    order as the searches): it sends a content synchronization search in
+    refreshAndPersist mode without a cookie, so the server first sends
+    every entry (the refresh), then a Sync Info message, then each change
+    as it happens (the persist phase).  The refresh is built off to the
+    side and installed in one step; each change is applied as it arrives.
+    Everything runs on the event loop, so lookups never see a half-applied
+    change and nothing needs a lock.
 
     The replica is *authoritative only while healthy*: it answers from the
     moment its refresh completes until the connection breaks, the server
@@ -48,22 +50,19 @@ DIAGNOSTICS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
 from axpolicy import ldapwire, limits
 from axpolicy.address import ascii_lower
+from axpolicy.ldapconn import LdapConnection, LdapConnectionError
 from axpolicy.log import printable
 from axpolicy.result import NOTFOUND, LookupResult
 
 logger = logging.getLogger(__name__)
 
-_SYNC_ID = 1000
-_PROBE_ID = 1001
 _DELETE = 3
 
 
@@ -78,8 +77,8 @@ class Record(NamedTuple):
 # (entries under one key, the key, whether to log problems) -> the answer
 # for that key, by the user map's own rules.
 Evaluate = Callable[[list[Record], str, bool], LookupResult]
-# Opens an authenticated connection: (socket, close it, server URL).
-Connect = Callable[[], tuple[socket.socket, Callable[[], None], str]]
+# Opens an authenticated connection: (the connection, its server's URL).
+Connect = Callable[[], Awaitable[tuple[LdapConnection, str]]]
 
 
 def fold(value: str) -> str:
@@ -136,10 +135,10 @@ def _holders(held: bytes | tuple[bytes, ...] | None) -> tuple[bytes, ...]:
 
 
 class Replica:
-    """See the module docstring; lookups and changes happen on the event loop."""
+    """See the module docstring; everything happens on the event loop."""
 
-    def __init__(self, name: str, request: bytes, key_attributes: tuple[str, ...], host_attribute: str,
-                 connect: Connect, evaluate: Evaluate, timeout: float) -> None:
+    def __init__(self, name: str, request: Callable[[int], bytes], key_attributes: tuple[str, ...],
+                 host_attribute: str, connect: Connect, evaluate: Evaluate, timeout: float) -> None:
         self.name = name
         self.ready = False
         self.version = 0              # changes with every change of any answer (and of ready)
@@ -153,13 +152,8 @@ class Replica:
         self._evaluate = evaluate
         self._timeout = timeout
         self._table = _Table(evaluate)
-        self._refreshes_sent = 0      # thread side
-        self._generation = 0          # bumped whenever a session ends: late updates are dropped
-        self._state = threading.Lock()  # guards ready, version and _generation together
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def entries(self) -> int:
@@ -180,171 +174,139 @@ class Replica:
         return answer
 
     def start(self) -> None:
-        """Start the sync thread (idempotent); must be called on the event loop."""
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name=f"replica-{self.name}", daemon=True)
-        self._thread.start()
+        """Start replicating (idempotent); must be called on the event loop."""
+        if self._task is None and not self._stopping:
+            self._task = asyncio.ensure_future(self._run())
 
-    def stop(self) -> None:
-        """Stop the sync thread and wait for it (blocking: call from a worker thread)."""
-        with self._state:
-            self._stopping.set()
-            self.ready = False
-            self.version += 1
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+    async def stop(self) -> None:
+        """Stop replicating and close the connection."""
+        self._stopping = True
+        self._set_ready(False)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
-    # ------------------------------------------------------------------
-    # Event-loop side
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.version += 1
 
-    def _post(self, callback: Callable[..., None], *args: object) -> None:
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:   # the loop is closed: we are shutting down
-            self._stopping.set()
-
-    def _install(self, generation: int, table: _Table, seconds: float) -> None:
-        with self._state:
-            # Under the lock: the thread may be declaring this session lost
-            # right now, and a lost session must never end up ready.
-            if generation != self._generation or self._stopping.is_set():
-                return
-            self._table = table
-            self.ready = True
-            self.version += 1
-        self.refreshes += 1
-        logger.info("usermap %s: replica ready, %d entries (refresh took %.2fs)", self.name,
-                    len(table.records), seconds)
-
-    def _apply(self, generation: int, changes: list[tuple[bytes, Record | None]]) -> None:
-        if generation != self._generation:
-            return
-        table = self._table
-        touched: set[str] = set()
-        for uuid, record in changes:
-            touched |= table.put(uuid, record)
-        table.settle(touched)
-        with self._state:
-            self.version += 1
-        self.updates += len(changes)
-
-    # ------------------------------------------------------------------
-    # Thread side
-
-    def _run(self) -> None:
+    async def _run(self) -> None:
         backoff = limits.REPLICA_RETRY_MIN_SECONDS
-        while not self._stopping.is_set():
+        while not self._stopping:
             try:
-                sock, close, url = self._connect()
-            except Exception as exc:  # noqa: BLE001 - any failure: searches carry on, retry later
+                conn, url = await self._connect()
+            except LdapConnectionError as exc:
                 logger.warning("usermap %s: replica cannot connect (%s); using searches", self.name,
                                printable(str(exc)))
             else:
-                self._sock = sock
-                refreshes = self._refreshes_sent
+                refreshes = self.refreshes
                 try:
-                    self._session(sock, url)
-                except (OSError, ldapwire.LdapWireError) as exc:
-                    if not self._stopping.is_set():
+                    await self._session(conn, url)
+                except (LdapConnectionError, ldapwire.LdapWireError) as exc:
+                    if not self._stopping:
                         logger.warning("usermap %s: replica session with %s lost (%s); using searches",
                                        self.name, url, printable(str(exc) or exc.__class__.__name__))
                 except Exception:  # noqa: BLE001 - a bug must not end replication for good
                     logger.exception("usermap %s: replica session with %s failed; using searches", self.name, url)
                 finally:
                     self._lost()
-                    self._sock = None
-                    close()
-                if self._refreshes_sent != refreshes:
+                    conn.close()
+                if self.refreshes != refreshes:
                     backoff = limits.REPLICA_RETRY_MIN_SECONDS   # it was healthy: try again soon
-            if self._stopping.wait(backoff):
-                return
+            await asyncio.sleep(backoff)
             backoff = min(backoff * 2, limits.REPLICA_RETRY_MAX_SECONDS)
 
     def _lost(self) -> None:
-        with self._state:
-            self.ready = False      # at once, from this thread: searches take over now
-            self._generation += 1
-            self.version += 1
         self.losses += 1
+        self._set_ready(False)      # at once: searches take over now
 
-    def _session(self, sock: socket.socket, url: str) -> None:
+    async def _session(self, conn: LdapConnection, url: str) -> None:
         """Run one sync session until it breaks (an exception) or the server ends it."""
-        generation = self._generation
-        started = time.monotonic()
-        table: _Table | None = _Table(self._evaluate)
-        probe_sent = False
-        buffer = bytearray()
-        sock.settimeout(limits.REPLICA_PROBE_SECONDS)
-        sock.sendall(self._request)
-        while not self._stopping.is_set():
-            try:
-                chunk = sock.recv(262144)
-            except TimeoutError:
-                if probe_sent:
-                    raise OSError(f"no answer to the liveness probe within {self._timeout:g}s") from None
-                sock.sendall(ldapwire.encode_search(_PROBE_ID, "", "base", _PROBE_FILTER, "1.1", 1,
-                                                    max(1, int(self._timeout))))
-                probe_sent = True
-                sock.settimeout(self._timeout)
-                continue
-            if not chunk:
-                raise OSError("connection closed by the server")
-            buffer += chunk
-            changes: list[tuple[bytes, Record | None]] = []
-            while True:
-                size = ldapwire.frame_length(buffer)
-                if size is None or len(buffer) < size:
-                    break
-                if size > limits.LDAP_MAX_RESPONSE_BYTES:
-                    raise ldapwire.LdapWireError("message too large")
-                message = ldapwire.decode_message(bytes(buffer[:size]))
-                del buffer[:size]
-                if message.message_id == _PROBE_ID:
-                    if message.kind == "done":
-                        probe_sent = False
-                        sock.settimeout(limits.REPLICA_PROBE_SECONDS)
-                    continue
-                if message.message_id != _SYNC_ID:
-                    raise ldapwire.LdapWireError(f"unexpected message id {message.message_id}")
-                if message.kind == "entry":
-                    change = self._change(message)
-                    if table is not None:
-                        table.put(*change)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        building: _Table | None = _Table(self._evaluate)
+        ended: asyncio.Future[str] = loop.create_future()
+        heard = [loop.time()]
+
+        def on_message(message: ldapwire.Message) -> bool:
+            nonlocal building
+            heard[0] = loop.time()
+            if message.kind == "entry":
+                uuid, record = self._change(message)
+                if building is not None:
+                    building.put(uuid, record)
+                else:
+                    self._apply([(uuid, record)])
+            elif message.kind == "intermediate" and message.name == ldapwire.SYNC_INFO_OID:
+                info = ldapwire.decode_sync_info(message.value)
+                if info.kind == 3 and info.refresh_deletes:
+                    changes: list[tuple[bytes, Record | None]] = [(uuid, None) for uuid in info.uuids]
+                    if building is not None:
+                        for uuid, _ in changes:
+                            building.put(uuid, None)
                     else:
-                        changes.append(change)
-                elif message.kind == "intermediate" and message.name == ldapwire.SYNC_INFO_OID:
-                    info = ldapwire.decode_sync_info(message.value)
-                    if info.kind == 3 and info.refresh_deletes:
-                        for uuid in info.uuids:
-                            if table is not None:
-                                table.put(uuid, None)
-                            else:
-                                changes.append((uuid, None))
-                    elif info.kind in (1, 2) and info.refresh_done and table is not None:
-                        table.settle(list(table.by_key), log=False)
-                        self._post(self._install, generation, table, time.monotonic() - started)
-                        self._refreshes_sent += 1
-                        table = None
-                elif message.kind == "done":
-                    why = printable(message.diagnostic.decode("utf-8", "replace"))
-                    if message.result_code == 12:
-                        why = f"the server does not support content synchronization (syncprov): {why}"
-                    logger.warning("usermap %s: %s ended the replica search: result %d %s; using searches",
-                                   self.name, url, message.result_code, why)
+                        self._apply(changes)
+                elif info.kind in (1, 2) and info.refresh_done and building is not None:
+                    building.settle(list(building.by_key), log=False)
+                    self._install(building, loop.time() - started)
+                    building = None
+            elif message.kind == "done":
+                why = printable(message.diagnostic.decode("utf-8", "replace"))
+                if message.result_code == 12:
+                    why = f"the server does not support content synchronization (syncprov): {why}"
+                if not ended.done():
+                    ended.set_result(f"result {ldapwire.result_name(message.result_code)} {why}".rstrip())
+                return True
+            elif message.kind == "reference":
+                raise ldapwire.LdapWireError("referral in the replica search")
+            return False
+
+        conn.stream(self._request, on_message)
+        closed = asyncio.ensure_future(conn.wait_closed())
+        try:
+            while True:
+                silent = loop.time() - heard[0]
+                wait = max(0.0, limits.REPLICA_PROBE_SECONDS - silent)
+                await asyncio.wait((ended, closed), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if ended.done():
+                    logger.warning("usermap %s: %s ended the replica search: %s; using searches", self.name, url,
+                                   ended.result())
                     return
-                elif message.kind == "reference":
-                    raise ldapwire.LdapWireError("referral in the replica search")
-            if changes:
-                self._post(self._apply, generation, changes)
+                if closed.done():
+                    raise LdapConnectionError(conn.error or "connection closed")
+                if loop.time() - heard[0] >= limits.REPLICA_PROBE_SECONDS:
+                    await self._probe(conn)
+                    heard[0] = loop.time()
+        finally:
+            closed.cancel()
+
+    async def _probe(self, conn: LdapConnection) -> None:
+        """A root DSE search that must be answered within the map's timeout (LdapConnectionError)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.operation(lambda message_id: ldapwire.encode_search(
+                    message_id, "", "base", _PROBE_FILTER, "1.1", 1, max(1, int(self._timeout))))
+        except TimeoutError:
+            raise LdapConnectionError(f"no answer to the liveness probe within {self._timeout:g}s") from None
+
+    def _install(self, table: _Table, seconds: float) -> None:
+        if self._stopping:
+            return
+        self._table = table
+        self._set_ready(True)
+        self.refreshes += 1
+        logger.info("usermap %s: replica ready, %d entries (refresh took %.2fs)", self.name,
+                    len(table.records), seconds)
+
+    def _apply(self, changes: list[tuple[bytes, Record | None]]) -> None:
+        table = self._table
+        touched: set[str] = set()
+        for uuid, record in changes:
+            touched |= table.put(uuid, record)
+        table.settle(touched)
+        self.version += 1
+        self.updates += len(changes)
 
     def _change(self, message: ldapwire.Message) -> tuple[bytes, Record | None]:
         state_value = message.controls.get(ldapwire.SYNC_STATE_OID)

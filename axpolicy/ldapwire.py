@@ -1,13 +1,14 @@
-"""The LDAP search operation on the wire (RFC 4511, BER): encode a request, decode the answers.
+"""The LDAP operations axpolicy uses, on the wire (RFC 4511, BER): encode requests, decode answers.
 
 DESCRIPTION
     ldap3 builds every request through pyasn1, which costs about 0.9 ms of
     CPU per search on the test machine, three times what slapd needs to
     answer it (measured with cProfile over 2,000 searches, see
-    docs/benchmarks.rst).  axpolicy sends one kind of request only, so it
-    encodes it here directly, and decodes the three kinds of answer it can
-    get.  ldap3 still opens, secures (TLS, StartTLS) and binds the
-    connection; this module only speaks on the socket afterwards.
+    docs/benchmarks.rst).  axpolicy needs a handful of operations (simple
+    bind, StartTLS, search, abandon, unbind), so it encodes them here
+    directly and decodes what can come back; :mod:`axpolicy.ldapconn`
+    speaks them on the event loop.  ldap3 is the reference these encoders
+    are tested against byte for byte (tests/test_ldapwire.py).
 
     The filter template from the configuration is parsed once
     (:func:`compile_filter`) into a tree whose assertion values may be
@@ -17,9 +18,13 @@ DESCRIPTION
     path at all.
 
 PROTOCOL
-    SearchRequest [APPLICATION 3]; SearchResultEntry [APPLICATION 4],
-    SearchResultReference [APPLICATION 19], SearchResultDone
-    [APPLICATION 5].  Definite lengths only (RFC 4511 section 5.1).
+    BindRequest [APPLICATION 0] (simple) and BindResponse [APPLICATION 1];
+    UnbindRequest [APPLICATION 2]; AbandonRequest [APPLICATION 16];
+    ExtendedRequest [APPLICATION 23] (StartTLS, RFC 4511 4.14) and
+    ExtendedResponse [APPLICATION 24], which with message id 0 is a Notice
+    of Disconnection; SearchRequest [APPLICATION 3]; SearchResultEntry
+    [APPLICATION 4], SearchResultReference [APPLICATION 19],
+    SearchResultDone [APPLICATION 5].  Definite lengths only (RFC 4511 section 5.1).
     For the replica (:mod:`axpolicy.ldapsync`): the RFC 4533 Sync Request
     control on a search, the Sync State control on entries and the Sync
     Info message (IntermediateResponse [APPLICATION 25]).
@@ -37,6 +42,22 @@ from collections.abc import Mapping
 
 SCOPE = {"base": 0, "one": 1, "sub": 2}
 RESULT_SUCCESS = 0
+START_TLS_OID = b"1.3.6.1.4.1.1466.20037"
+NOTICE_OF_DISCONNECTION_OID = b"1.3.6.1.4.1.1466.20036"
+
+# RFC 4511 appendix A: the names of the result codes a log line may show.
+RESULT_NAMES = {
+    1: "operationsError", 2: "protocolError", 3: "timeLimitExceeded", 4: "sizeLimitExceeded",
+    7: "authMethodNotSupported", 8: "strongerAuthRequired", 10: "referral", 11: "adminLimitExceeded",
+    12: "unavailableCriticalExtension", 13: "confidentialityRequired", 32: "noSuchObject",
+    34: "invalidDNSyntax", 48: "inappropriateAuthentication", 49: "invalidCredentials",
+    50: "insufficientAccessRights", 51: "busy", 52: "unavailable", 53: "unwillingToPerform", 80: "other",
+}
+
+
+def result_name(code: int) -> str:
+    """``49 invalidCredentials`` for a log line."""
+    return f"{code} {RESULT_NAMES.get(code, 'result')}"
 
 
 class LdapWireError(ValueError):
@@ -208,6 +229,31 @@ def _encode(node: _Node, values: Mapping[str, bytes]) -> bytes:
     return _tlv(node.tag, _octets(node.attribute) + _octets(_fill(node.value, values)))
 
 
+def _message(message_id: int, operation: bytes) -> bytes:
+    return _tlv(0x30, _integer(0x02, message_id) + operation)
+
+
+def encode_bind(message_id: int, dn: str, password: str) -> bytes:
+    """A simple BindRequest, LDAP version 3 (an empty *dn* and *password* bind anonymously)."""
+    return _message(message_id, _tlv(0x60, _integer(0x02, 3) + _octets(dn.encode("utf-8"))
+                                     + _tlv(0x80, password.encode("utf-8"))))
+
+
+def encode_start_tls(message_id: int) -> bytes:
+    """The StartTLS ExtendedRequest."""
+    return _message(message_id, _tlv(0x77, _tlv(0x80, START_TLS_OID)))
+
+
+def encode_abandon(message_id: int, abandoned: int) -> bytes:
+    """Ask the server to stop working on *abandoned* (no answer comes)."""
+    return _message(message_id, _integer(0x50, abandoned))
+
+
+def encode_unbind(message_id: int) -> bytes:
+    """The UnbindRequest that ends a session politely."""
+    return _message(message_id, b"\x42\x00")
+
+
 class SearchTemplate:
     """The parts of a SearchRequest that never change for one user map, encoded once."""
 
@@ -257,13 +303,13 @@ class Message:
     """One decoded LDAPMessage: what a search can get back."""
 
     message_id: int
-    kind: str                                   # "entry", "reference", "done", "intermediate", "other"
+    kind: str       # "entry", "reference", "done" (search), "bind", "extended", "intermediate", "other"
     dn: bytes = b""
     attributes: dict[bytes, list[bytes]] = dataclasses.field(default_factory=dict)
     result_code: int = -1
     diagnostic: bytes = b""
     controls: dict[bytes, bytes] = dataclasses.field(default_factory=dict)   # OID -> value
-    name: bytes = b""                           # IntermediateResponse name and value
+    name: bytes = b""                           # Intermediate/ExtendedResponse name and value
     value: bytes = b""
 
 
@@ -318,6 +364,10 @@ def decode_message(data: bytes) -> Message:
         message = _entry(message_id, data, op_start, op_end)
     elif op == 0x65:
         message = _result(message_id, data, op_start, op_end)
+    elif op == 0x61:
+        message = _result(message_id, data, op_start, op_end, "bind")
+    elif op == 0x78:
+        message = _result(message_id, data, op_start, op_end, "extended")
     elif op == 0x73:
         message = Message(message_id, "reference")
     elif op == 0x79:
@@ -425,11 +475,21 @@ def _entry(message_id: int, data: bytes, pos: int, end: int) -> Message:
     return message
 
 
-def _result(message_id: int, data: bytes, pos: int, end: int) -> Message:
+def _result(message_id: int, data: bytes, pos: int, end: int, kind: str = "done") -> Message:
+    """An LDAPResult (SearchResultDone, BindResponse, ExtendedResponse and its responseName)."""
     tag, code_start, code_end = _read_tlv(data, pos, end)
     if tag != 0x0A:
         raise LdapWireError("missing result code")
     tag, dn_start, dn_end = _read_tlv(data, code_end, end)
     tag, diag_start, diag_end = _read_tlv(data, dn_end, end)
-    return Message(message_id, "done", result_code=int.from_bytes(data[code_start:code_end], "big"),
-                   diagnostic=data[diag_start:diag_end])
+    message = Message(message_id, kind, result_code=int.from_bytes(data[code_start:code_end], "big"),
+                      diagnostic=data[diag_start:diag_end])
+    pos = diag_end
+    while pos < end:       # referral [3], serverSaslCreds [7], responseName [10], responseValue [11]
+        tag, v_start, v_end = _read_tlv(data, pos, end)
+        if tag == 0x8A:
+            message.name = data[v_start:v_end]
+        elif tag == 0x8B:
+            message.value = data[v_start:v_end]
+        pos = v_end
+    return message

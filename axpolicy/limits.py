@@ -79,6 +79,10 @@ EXIM_READSOCKET_MARGIN_SECONDS = 0.5
 # Postfix closes idle policy connections after smtpd_policy_service_max_idle.
 POSTFIX_POLICY_MAX_IDLE_SECONDS = 300.0
 
+# LDAP: operations in flight at once on one connection.  slapd closes an
+# anonymous session with more than conn_max_pending (default 100) pending.
+LDAP_MAX_OUTSTANDING = 64
+
 # LDAP: the largest answer one search may produce (LDAP_SIZE_LIMIT entries
 # with one host attribute each fit many times over).
 LDAP_MAX_RESPONSE_BYTES = 1024 * 1024

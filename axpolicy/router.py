@@ -206,7 +206,7 @@ class Router:
         until = math.inf
         watch: UserMap | None = None
         version = 0
-        cached = target.cached      # once: a replica may stop answering meanwhile (another thread)
+        cached = target.cached      # read once per request
         if not cached:
             # Read before the answers: a change after this makes them stale.
             known = target.answers_version()

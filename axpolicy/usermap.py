@@ -43,7 +43,7 @@ class UserMap(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release connections and threads."""
+        """Release connections and background tasks."""
         ...
 
 

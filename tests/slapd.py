@@ -62,6 +62,15 @@ access to *
 """
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of *pid* is in the stopped state."""
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        return all((task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for task in tasks.iterdir())
+    except OSError:
+        return False
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago (callers retry on a race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -209,6 +218,12 @@ class Slapd:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGSTOP)
             self._paused = True
+            # The signal is delivered asynchronously: a request sent right
+            # after send_signal() could still be answered.  Wait until every
+            # thread is stopped.
+            deadline = time.monotonic() + 5
+            while not _stopped(self.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
 
     def resume(self) -> None:
         if self._paused and self.proc is not None:

@@ -230,6 +230,100 @@ def test_hung_first_server_fails_over_without_ever_saying_not_found(slapd: Slapd
     assert all(r.status is not Status.NOTFOUND for r in results)
 
 
+def test_a_hung_first_server_is_answered_by_the_second_within_one_lookup(slapd: Slapd, slapd2: Slapd) -> None:
+    """The deadline is shared: the first server gets half of it, the second the rest."""
+    async def go() -> tuple[LookupResult, float]:
+        router = make_router(slapd, slapd2, timeout=1, failback_interval=30)
+        try:
+            await router.resolve("whoami@example.com")          # connected to the first
+            slapd.pause()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            result = await router.resolve("whoami@example.com")
+            return result, loop.time() - started
+        finally:
+            slapd.resume()
+            await router.close()
+    result, seconds = run(go())
+    assert result == LookupResult(Status.FOUND, "127.0.0.3")
+    assert seconds < 1.5                                         # generous: never the whole timeout twice
+
+
+def test_a_reset_connection_is_answered_by_the_second_server(slapd: Slapd, slapd2: Slapd) -> None:
+    async def go() -> LookupResult:
+        router = make_router(slapd, slapd2, failback_interval=30)
+        try:
+            await router.resolve("whoami@example.com")
+            slapd.kill()                                         # established connections reset
+            return await router.resolve("whoami@example.com")
+        finally:
+            await router.close()
+    assert run(go()) == LookupResult(Status.FOUND, "127.0.0.3")
+
+
+def expected_answer(address: str) -> LookupResult:
+    number = address.split("@")[0].removeprefix("user")
+    if address.startswith("user") and number.isdigit() and 1 <= int(number) <= 20:
+        return LookupResult(Status.FOUND, "127.0.0.2" if int(number) % 2 else "127.0.0.3")
+    return NOTFOUND
+
+
+CROWD = [f"user{n}@example.com" for n in range(1, 21)] + [f"nobody{n}+x@example.com" for n in range(280)]
+
+
+def test_every_lookup_in_flight_when_the_first_server_hangs_is_answered_by_the_second(
+        slapd: Slapd, slapd2: Slapd) -> None:
+    """300 concurrent unique lookups, the primary hung under them: none fails, none is "not found" wrongly."""
+    async def go() -> list[LookupResult]:
+        router = make_router(slapd, slapd2, timeout=2, failback_interval=30)
+        try:
+            await router.resolve("bob@example.com")
+            lookups = asyncio.gather(*(router.resolve(a) for a in CROWD))
+            await asyncio.sleep(0)                               # sent to the first server...
+            slapd.pause()                                        # ...which hangs under them
+            return list(await lookups)
+        finally:
+            slapd.resume()
+            await router.close()
+    results = run(go())
+    wrong = [(a, r) for a, r in zip(CROWD, results, strict=True) if r != expected_answer(a)]
+    assert wrong == []
+
+
+def test_the_defaults_absorb_a_burst_of_unique_lookups(slapd: Slapd) -> None:
+    """Two or three keys per address (extension, catch-all): no "overloaded" with the default queue."""
+    raw = {"usermaps": {"people": {k: v for k, v in ldap_map(slapd, catchall=True).items()
+                                   if k not in ("pool_size", "timeout")}},
+           "recipient_delimiter": "+", "cache": NO_CACHE}
+
+    async def go() -> list[LookupResult]:
+        router = Router.open(config.parse(raw, "/tmp/axpolicy-test.yml"))
+        try:
+            return list(await asyncio.gather(*(router.resolve(a) for a in CROWD)))
+        finally:
+            await router.close()
+    results = run(go())
+    assert [r for r in results if r.status is Status.TEMP] == []
+    assert results == [expected_answer(a) for a in CROWD]
+
+
+def test_the_connect_timeout_bounds_a_server_that_never_completes_the_handshake(slapd: Slapd) -> None:
+    """A hung server that accepts TCP but never answers the bind: TEMP after connect_timeout, not timeout."""
+    async def go() -> tuple[LookupResult, float]:
+        router = make_router(slapd, timeout=5, connect_timeout=0.3)
+        slapd.pause()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await router.resolve("alice@example.com"), loop.time() - started
+        finally:
+            slapd.resume()
+            await router.close()
+    result, seconds = run(go())
+    assert result == LookupResult(Status.TEMP, reason="user map unavailable")
+    assert seconds < 4
+
+
 def test_both_servers_down_is_a_temporary_failure(slapd: Slapd, slapd2: Slapd) -> None:
     slapd.stop()
     slapd2.stop()
@@ -255,7 +349,7 @@ def test_searches_do_not_block_the_event_loop(slapd: Slapd, tmp_path: Any) -> No
 
 def test_overload_gives_fast_temporary_failures(slapd: Slapd) -> None:
     async def go() -> list[str]:
-        router = make_router(slapd, timeout=1, pool_size=1, queue_size=1)
+        router = make_router(slapd, timeout=1, pool_size=1, queue_size=2)
         try:
             await router.resolve("bob@example.com")
             slapd.pause()
@@ -265,7 +359,7 @@ def test_overload_gives_fast_temporary_failures(slapd: Slapd) -> None:
             slapd.resume()
             await router.close()
     reasons = run(go())
-    assert reasons.count("user map overloaded") == 3   # 1 running + 1 queued, the rest refused
+    assert reasons.count("user map overloaded") == 3   # queue_size (2) wait for the directory, the rest refused
     assert all(r in ("user map overloaded", "user map timeout") for r in reasons)
 
 
