@@ -398,12 +398,16 @@ def _controls(message: Message, data: bytes, pos: int, end: int) -> None:
 
 
 def _intermediate(message_id: int, data: bytes, pos: int, end: int) -> Message:
-    message = Message(message_id, "intermediate")
+    return _name_and_value(Message(message_id, "intermediate"), data, pos, end, 0x80, 0x81)
+
+
+def _name_and_value(message: Message, data: bytes, pos: int, end: int, name_tag: int, value_tag: int) -> Message:
+    """Fill the optional responseName and responseValue of *message* from the elements in *data*."""
     while pos < end:
         tag, v_start, v_end = _read_tlv(data, pos, end)
-        if tag == 0x80:
+        if tag == name_tag:
             message.name = data[v_start:v_end]
-        elif tag == 0x81:
+        elif tag == value_tag:
             message.value = data[v_start:v_end]
         pos = v_end
     return message
@@ -484,12 +488,5 @@ def _result(message_id: int, data: bytes, pos: int, end: int, kind: str = "done"
     tag, diag_start, diag_end = _read_tlv(data, dn_end, end)
     message = Message(message_id, kind, result_code=int.from_bytes(data[code_start:code_end], "big"),
                       diagnostic=data[diag_start:diag_end])
-    pos = diag_end
-    while pos < end:       # referral [3], serverSaslCreds [7], responseName [10], responseValue [11]
-        tag, v_start, v_end = _read_tlv(data, pos, end)
-        if tag == 0x8A:
-            message.name = data[v_start:v_end]
-        elif tag == 0x8B:
-            message.value = data[v_start:v_end]
-        pos = v_end
-    return message
+    # Then referral [3], serverSaslCreds [7], responseName [10], responseValue [11].
+    return _name_and_value(message, data, diag_end, end, 0x8A, 0x8B)
