@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 
 from axpolicy import limits
-from axpolicy.config import PolicyConfig, expand_template
+from axpolicy.config import MapConfig, PolicyConfig, expand_template
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
-from axpolicy.router import Router
+from axpolicy.router import Answer, Router
 from axpolicy.stats import OUTCOME, STATS
 from axpolicy.wire import FrameError, LineTooLong, split_lines, unsafe_value
 
@@ -145,6 +146,8 @@ class PolicyService:
         self._tempfail = action_reply(policy.tempfail)
         self._unmapped = action_reply(policy.unmapped)
         self.tempfail_reply = self._tempfail
+        # The recipient's host, from the policy's user map.
+        self._recipients = MapConfig(name="", usermap=policy.usermap or router.config.default_usermap)
 
     def framer(self) -> _Framer:
         return _Framer()
@@ -172,18 +175,12 @@ class PolicyService:
         """Never: every policy request carries its own instance and client attributes."""
         return None
 
-    def answer_now(self, request: Request, whole: bytes | None = None) -> bytes | None:
-        """The reply if it needs no I/O (other states, cache hits), else None."""
-        if request.get("request") != "smtpd_access_policy":
-            return None   # the slow path logs and closes
-        recipient = self._recipient(request)
-        if recipient is None:
-            return _DUNNO
-        started = time.perf_counter()
-        result = self._router.resolve_now(recipient, self._policy.usermap)
-        return None if result is None else self._reply(result, started)
+    def answer(self, request: Request, whole: bytes | None = None) -> bytes | None | Awaitable[bytes]:
+        """The reply at once when it needs no I/O (other states, cache hits), else an awaitable reply.
 
-    async def answer(self, request: Request, whole: bytes | None = None) -> bytes | None:
+        None closes the connection without a reply (a request that is not
+        a policy request), as SMTPD_POLICY_README asks.
+        """
         kind = request.get("request")
         if kind != "smtpd_access_policy":
             logger.warning("policy: unsupported request=%s; closing", printable(kind or ""))
@@ -192,7 +189,13 @@ class PolicyService:
         if recipient is None:
             return _DUNNO
         started = time.perf_counter()
-        result = await self._router.resolve(recipient, self._policy.usermap)
+        answer = self._router.query(self._recipients, recipient)
+        if isinstance(answer, Answer):
+            return self._reply(answer.result, started)
+        return self._later(recipient, answer, started)
+
+    async def _later(self, recipient: str, pending: Awaitable[Answer], started: float) -> bytes:
+        result = (await pending).result
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("policy RCPT %s: %s", printable(recipient), result.status.value)
         return self._reply(result, started)

@@ -28,14 +28,12 @@ LIMITS
 from __future__ import annotations
 
 import logging
-import time
 
 from axpolicy import limits
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
-from axpolicy.router import Router
-from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, split_map_request, unsafe_value
+from axpolicy.table import TableService
+from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -87,39 +85,20 @@ class _Framer:
         return [request]
 
 
-class ReadsocketService:
+class ReadsocketService(TableService):
     """Answers one Exim readsocket request per connection."""
 
     protocol = "readsocket"
     close_after_reply = True
     tempfail_reply = b"TEMP internal error"
-
-    def __init__(self, router: Router, default_map: str | None) -> None:
-        self._router = router
-        self._default_map = default_map
+    # Never replayed: Exim opens a connection per request, which costs far
+    # more than the answer.
+    replays = False
 
     def framer(self) -> _Framer:
         return _Framer()
 
-    def replay(self, data: bytes) -> bytes | None:
-        """Never: Exim opens a connection per request, which costs far more than the answer."""
-        return None
-
-    def answer_now(self, request: bytes, whole: bytes | None = None) -> bytes | None:
-        """The reply if the router knows it without I/O, else None."""
-        started = time.perf_counter()
-        parts = split_map_request(request)
-        if parts is None:
-            return None   # the slow path says why (or uses the default map)
-        map_name, text = parts
-        result = self._router.query_now(map_name, text)
-        if result is None:
-            return None
-        STATS.record("readsocket", map_name, OUTCOME[result.status], time.perf_counter() - started)
-        return reply_body(result)
-
-    async def answer(self, request: bytes, whole: bytes | None = None) -> bytes:
-        started = time.perf_counter()
+    def decode(self, request: bytes) -> tuple[str, str] | bytes:
         name, space, key = request.partition(b" ")
         if not space:
             if self._default_map is None or not request:
@@ -127,15 +106,10 @@ class ReadsocketService:
                 return b"PERM malformed request"
             name, key = self._default_map.encode(), request
         try:
-            map_name, text = name.decode("ascii"), key.decode("utf-8")
+            return name.decode("ascii"), key.decode("utf-8")
         except UnicodeDecodeError:
             logger.info("readsocket: request is not UTF-8, not found: %s", printable(request))
             return b"NOTFOUND"
-        result = await self._router.query(map_name, text)
-        if result.status is Status.PERM:
-            logger.warning("readsocket: %s: %s", result.reason, printable(map_name))
-        STATS.record("readsocket", map_name if result.status is not Status.PERM else "", OUTCOME[result.status],
-                     time.perf_counter() - started)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("readsocket %s %s: %s", map_name, printable(text), result.status.value)
+
+    def encode(self, result: LookupResult) -> bytes:
         return reply_body(result)

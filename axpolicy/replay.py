@@ -9,9 +9,9 @@ DESCRIPTION
     request can look its reply up by those bytes, skipping framing,
     address parsing, the search plan, the cache and reply encoding.
 
-    An entry is only ever made from an answer the router gives without
-    I/O (:meth:`axpolicy.router.Router.query_fresh`) -- on the fast path,
-    or right after a lookup that filled the cache -- and is used only as
+    An entry is only ever made from an :class:`axpolicy.router.Answer` --
+    the router says how long each answer holds, on the fast path and
+    right after a lookup that filled the cache -- and is used only as
     long as that answer holds: until the earliest cache entry behind it
     stops being fresh, and for a replica's answer only while the replica's
     change counter is unchanged (any change, and losing its session,
@@ -32,9 +32,8 @@ from collections.abc import Callable
 
 from axpolicy import limits
 from axpolicy.cache import LookupCache
-from axpolicy.result import LookupResult
-from axpolicy.router import Fresh, Router
-from axpolicy.stats import OUTCOME, STATS
+from axpolicy.router import Answer
+from axpolicy.stats import STATS
 from axpolicy.usermap import UserMap
 
 _Entry = tuple[bytes, float, tuple[str, str, str], UserMap | None, int]
@@ -73,34 +72,9 @@ class ReplyMemo:
         self._latency.observe(time.perf_counter() - started)
         return reply
 
-    def reply_now(self, router: Router, map_name: str, key: str, encode: Callable[[LookupResult], bytes],
-                  started: float, whole: bytes | None) -> bytes | None:
-        """A table protocol's fast path: the router's answer without I/O, encoded, counted, kept if *whole*."""
-        fresh = router.query_fresh(map_name, key)
-        if fresh is None:
-            return None
-        outcome = OUTCOME[fresh.result.status]
-        STATS.record(self._protocol, map_name, outcome, time.perf_counter() - started)
-        reply = encode(fresh.result)
-        if whole is not None:
-            self.put(whole, reply, fresh, map_name, outcome)
-        return reply
-
-    def put_if_current(self, request: bytes, reply: bytes, router: Router, map_name: str, key: str,
-                       result: LookupResult, outcome: str) -> None:
-        """After a lookup that needed I/O: keep *reply* if the router's cache now gives *result* too.
-
-        Then the second time a key is asked is already a replay.  A stale
-        answer (stale-if-error) or a TEMP is not fresh in the cache, and an
-        answer that changed meanwhile is not equal: neither is kept.
-        """
-        fresh = router.query_fresh(map_name, key, count=False)
-        if fresh is not None and fresh.result == result:
-            self.put(request, reply, fresh, map_name, outcome)
-
-    def put(self, request: bytes, reply: bytes, fresh: Fresh, map_name: str, outcome: str) -> None:
-        """Remember *reply* for *request* for as long as *fresh* says its answer holds."""
-        if fresh.until <= self._clock():
+    def put(self, request: bytes, reply: bytes, answer: Answer, map_name: str, outcome: str) -> None:
+        """Remember *reply* for *request* for as long as *answer* says it holds."""
+        if answer.until <= self._clock():
             return
         entries = self._entries
         if len(entries) >= limits.REPLY_MEMO_ENTRIES:
@@ -109,4 +83,4 @@ class ReplyMemo:
         if len(self._shared_replies) < limits.REPLY_MEMO_ENTRIES:
             reply = self._shared_replies.setdefault(reply, reply)
             key = self._shared_keys.setdefault(key, key)
-        entries[request] = (reply, fresh.until, key, fresh.watch, fresh.version)
+        entries[request] = (reply, answer.until, key, answer.watch, answer.version)

@@ -1,8 +1,11 @@
 """Router: from a recipient address to FOUND(host), NOTFOUND or TEMP.
 
 DESCRIPTION
-    Every protocol module asks the router; the router asks a user map.
-    For one address it
+    Every protocol module asks the router, through one call,
+    :meth:`Router.query`, which returns the answer and how long it stays
+    the answer (:class:`Answer`) -- at once when no I/O is needed, as an
+    awaitable otherwise -- and the router asks a user map.  For one
+    address it
 
     1. refuses what can never be a user (:func:`axpolicy.address.parse`),
     2. answers NOTFOUND for a domain outside ``domains`` (when configured),
@@ -25,12 +28,12 @@ import asyncio
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import NamedTuple
 
 from axpolicy.address import AddressError, normalize_domain, parse, search_keys
 from axpolicy.cache import LookupCache
-from axpolicy.config import Config, expand_template
+from axpolicy.config import Config, MapConfig, expand_template
 from axpolicy.log import printable
 from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm, temp
 from axpolicy.usermap import UserMap, open_usermap
@@ -41,12 +44,13 @@ logger = logging.getLogger(__name__)
 _NOT_A_USER: tuple[str, ...] = ("",)   # marker: parse() refused the address
 
 
-class Fresh(NamedTuple):
-    """An answer known without I/O, and how long it stays the answer.
+class Answer(NamedTuple):
+    """An answer, and how long it stays the answer.
 
     It holds until ``until`` (the cache's clock) and, when ``watch`` is a
     user map, only while ``watch.answers_version()`` still returns
-    ``version``.  ``until`` 0 means it may change at any moment.
+    ``version``.  ``until`` 0 means it may change at any moment (a file
+    map, a temporary failure, an answer served stale).
     """
 
     result: LookupResult
@@ -123,53 +127,29 @@ class Router:
             if id(usermap) not in kept:
                 await usermap.close()
 
-    async def query(self, map_name: str, key: str) -> LookupResult:
-        """Answer *key* in the configured map *map_name* (``maps:`` in the configuration).
+    def query(self, spec: MapConfig, key: str, count: bool = True) -> Answer | Awaitable[Answer]:
+        """The one way to ask: the answer to *key* in the map *spec*, and how long it stays the answer.
 
-        FOUND with the map's ``result`` (``%s`` = host), NOTFOUND or TEMP;
-        PERM when no such map is configured.
+        An :class:`Answer` at once when no I/O is needed (a cache hit, a
+        replica, a file map, a domain map, an address that can never be a
+        user): protocols reply in the same event-loop callback that read
+        the request.  Otherwise an awaitable that gives the Answer once a
+        user map has answered.  FOUND carries the map's ``result`` with
+        ``%s`` = host; NOTFOUND; TEMP.  *count* False: not a client's
+        lookup (no cache hit counted in the metrics).
         """
-        spec = self.config.maps.get(map_name)
-        if spec is None:
-            return perm("unknown map name")
         if spec.type == "domain":
-            return self._domain_answer(spec.result, key)
-        result = await self.resolve(key, spec.usermap)
-        if result.status is Status.FOUND:
-            return self._formatted(spec.name, spec.result, result.value)
-        return result
+            return Answer(self._domain_answer(spec.result, key), math.inf)
+        now = self._known(key, spec, count)
+        if now is not None:
+            return now
+        return self._ask(spec, key)
 
-    def query_now(self, map_name: str, key: str) -> LookupResult | None:
-        """:meth:`query` without waiting: the answer if it needs no I/O, else None.
-
-        The fast path of every protocol: a cache hit (or a file map, or a
-        domain map) is answered in the same event-loop callback that read
-        the request, without a task.
-        """
-        fresh = self.query_fresh(map_name, key)
-        return None if fresh is None else fresh.result
-
-    def query_fresh(self, map_name: str, key: str, count: bool = True) -> Fresh | None:
-        """:meth:`query_now`, and how long the answer stays the answer (see :class:`Fresh`).
-
-        Cache answers hold until the earliest cache entry behind them
-        expires; replica answers until the replica changes; file-map
-        answers may change at any moment; domain maps and domains outside
-        ``domains`` until a reload.  :mod:`axpolicy.replay` keeps replies
-        that long.  *count* False: not a client's lookup, not a cache hit
-        in the metrics.
-        """
-        spec = self.config.maps.get(map_name)
-        if spec is None:
-            return None
-        if spec.type == "domain":
-            return Fresh(self._domain_answer(spec.result, key), math.inf)
-        fresh = self.resolve_fresh(key, spec.usermap, count)
-        if fresh is not None and fresh.result.status is Status.FOUND:
-            # Built anew: NamedTuple._replace costs twice as much, on the fast path.
-            return Fresh(self._formatted(spec.name, spec.result, fresh.result.value), fresh.until, fresh.watch,
-                         fresh.version)
-        return fresh
+    async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
+        """:meth:`query` for the host itself in *usermap* (default: the first), for the CLI and tests."""
+        spec = MapConfig(name="", usermap=usermap or self.config.default_usermap)
+        answer = self.query(spec, address)
+        return (answer if isinstance(answer, Answer) else await answer).result
 
     def _domain_answer(self, template: str, key: str) -> LookupResult:
         """A ``type: domain`` map: FOUND for a domain in ``domains``; depends on the configuration only."""
@@ -180,26 +160,26 @@ class Router:
         domains = self.config.domains or frozenset()
         return found(expand_template(template, "")) if domain in domains else NOTFOUND
 
-    def _formatted(self, map_name: str, template: str, host: str) -> LookupResult:
+    def _formatted(self, spec: MapConfig, answer: Answer) -> Answer:
+        """*answer* with a FOUND host put into the map's ``result``."""
+        if answer.result.status is not Status.FOUND or spec.result == "%s":
+            return answer
         # Few distinct hosts: remember each map's answer for each host.
-        answer = self._answers.get((map_name, host))
-        if answer is None:
-            answer = found(expand_template(template, host))
+        host = answer.result.value
+        result = self._answers.get((spec.name, host))
+        if result is None:
+            result = found(expand_template(spec.result, host))
             if len(self._answers) < 10000:
-                self._answers[(map_name, host)] = answer
-        return answer
+                self._answers[(spec.name, host)] = result
+        # Built anew: NamedTuple._replace costs twice as much, on the fast path.
+        return Answer(result, answer.until, answer.watch, answer.version)
 
-    def resolve_now(self, address: str, usermap: str | None = None) -> LookupResult | None:
-        """:meth:`resolve` without waiting: FOUND or NOTFOUND if known now, else None."""
-        fresh = self.resolve_fresh(address, usermap)
-        return None if fresh is None else fresh.result
-
-    def resolve_fresh(self, address: str, usermap: str | None = None, count: bool = True) -> Fresh | None:
-        """:meth:`resolve_now`, and until when the answer cannot change (see :meth:`query_fresh`)."""
-        name = usermap or self.config.default_usermap
+    def _known(self, address: str, spec: MapConfig, count: bool) -> Answer | None:
+        """The answer if it needs no I/O, else None (see :class:`Answer` for how long it holds)."""
+        name = spec.usermap
         target = self.usermaps.get(name)
         if target is None:
-            return None
+            return Answer(perm("unknown user map"), 0.0)
         keys = _plan(address, self.config.recipient_delimiter, target.catchall, self.config.domains)
         if keys is _NOT_A_USER:
             return None   # rare; the slow path logs it
@@ -228,15 +208,21 @@ class Router:
                     return None
                 result = now
             if result.status is not Status.NOTFOUND:
-                return Fresh(result, until, watch, version)
-        return Fresh(NOTFOUND, until, watch, version)
+                return self._formatted(spec, Answer(result, until, watch, version))
+        return Answer(NOTFOUND, until, watch, version)
 
-    async def resolve(self, address: str, usermap: str | None = None) -> LookupResult:
-        """Which host holds *address*?  FOUND(host), NOTFOUND or TEMP.
+    async def _ask(self, spec: MapConfig, address: str) -> Answer:
+        """The slow path of :meth:`query`: ask the user map, then say how long the answer holds."""
+        answer = self._formatted(spec, Answer(await self._resolve(address, spec.usermap), 0.0))
+        # Right after the lookup that filled the cache, the fast path knows
+        # the same answer and how long it holds.  A stale or TEMP answer is
+        # not fresh there, and one that changed meanwhile differs: both hold
+        # for no time at all.
+        known = self._known(address, spec, count=False)
+        return known if known is not None and known.result == answer.result else answer
 
-        PERM only when *usermap* names no configured map.
-        """
-        name = usermap or self.config.default_usermap
+    async def _resolve(self, address: str, name: str) -> LookupResult:
+        """Which host holds *address* in the user map *name*?  FOUND(host), NOTFOUND or TEMP."""
         target = self.usermaps.get(name)
         if target is None:
             return perm("unknown user map")

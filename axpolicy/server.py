@@ -121,7 +121,7 @@ class Connection(asyncio.Protocol):
         self._framer = listener.service.framer()
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._queue: collections.deque[asyncio.Task[bytes | None]] = collections.deque()
+        self._queue: collections.deque[asyncio.Future[bytes | None]] = collections.deque()
         self._last_activity = self._loop.time()
         self._partial_since: float | None = None
         self._reading_paused = False
@@ -218,19 +218,27 @@ class Connection(asyncio.Protocol):
 
     def _submit(self, request: Any, whole: bytes | None = None) -> None:
         service = self._service
-        if not self._queue and self._transport is not None:
-            # Fast path: nothing owed before this request and the answer is
-            # known without I/O (a cache hit): reply in this callback.
-            try:
-                reply = service.answer_now(request, whole)
-            except Exception as exc:  # noqa: BLE001 - a bug must become a temporary failure
-                reply = self._internal_error(exc)
-            if reply is not None:
+        try:
+            reply = service.answer(request, whole)
+        except Exception as exc:  # noqa: BLE001 - a bug must become a temporary failure
+            reply = self._internal_error(exc)
+        if reply is None or isinstance(reply, bytes):
+            if not self._queue and self._transport is not None:
+                # Fast path: nothing owed before this request and the answer
+                # is known without I/O (a cache hit): reply in this callback.
+                if reply is None:
+                    self.close()
+                    return
                 self._transport.write(reply)
                 if service.close_after_reply:
                     self.close()
                 return
-        task = self._loop.create_task(service.answer(request, whole))
+            ready: asyncio.Future[bytes | None] = self._loop.create_future()
+            ready.set_result(reply)
+            self._queue.append(ready)
+            ready.add_done_callback(self._flush)
+            return
+        task = asyncio.ensure_future(reply)
         self._queue.append(task)
         task.add_done_callback(self._flush)
 

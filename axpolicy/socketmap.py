@@ -29,15 +29,12 @@ SECURITY
 from __future__ import annotations
 
 import logging
-import time
 
 from axpolicy import limits, netstring
 from axpolicy.log import printable
-from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
-from axpolicy.router import Router
-from axpolicy.stats import OUTCOME, STATS
-from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, split_map_request, unsafe_value
+from axpolicy.table import TableService
+from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, unsafe_value
 
 logger = logging.getLogger(__name__)
 
@@ -87,53 +84,25 @@ class _Framer:
         return []
 
 
-class SocketmapService:
+class SocketmapService(TableService):
     """Answers socketmap requests from the configured maps."""
 
     protocol = "socketmap"
-    close_after_reply = False
     tempfail_reply = netstring.encode(b"TEMP internal error")
-
-    def __init__(self, router: Router) -> None:
-        self._router = router
-        self._memo = ReplyMemo(self.protocol, router.cache)
 
     def framer(self) -> _Framer:
         return _Framer()
 
-    def replay(self, data: bytes) -> bytes | None:
-        return self._memo.get(data)
-
-    def answer_now(self, payload: bytes, whole: bytes | None = None) -> bytes | None:
-        """The reply if the router knows it without I/O (cache, file map), else None."""
-        started = time.perf_counter()
-        request = split_map_request(payload)
-        if request is None:
-            return None   # the slow path says why
-        map_name, text = request
-        return self._memo.reply_now(self._router, map_name, text, encode_reply, started, whole)
-
-    async def answer(self, payload: bytes, whole: bytes | None = None) -> bytes:
-        started = time.perf_counter()
+    def decode(self, payload: bytes) -> tuple[str, str] | bytes:
         name, space, key = payload.partition(b" ")
         if not space or not name:
             logger.warning("socketmap: request without map name: %s", printable(payload))
             return netstring.encode(b"PERM malformed request")
         try:
-            map_name = name.decode("ascii")
-            text = key.decode("utf-8")
+            return name.decode("ascii"), key.decode("utf-8")
         except UnicodeDecodeError:
             logger.info("socketmap: key is not UTF-8, not found: %s", printable(key))
             return _NOTFOUND
-        result = await self._router.query(map_name, text)
-        if result.status is Status.PERM:
-            logger.warning("socketmap: %s: %s", result.reason, printable(map_name))
-        outcome = OUTCOME[result.status]
-        STATS.record("socketmap", map_name if result.status is not Status.PERM else "", outcome,
-                     time.perf_counter() - started)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("socketmap %s %s: %s", map_name, printable(text), result.status.value)
-        reply = encode_reply(result)
-        if whole is not None:
-            self._memo.put_if_current(whole, reply, self._router, map_name, text, result, outcome)
-        return reply
+
+    def encode(self, result: LookupResult) -> bytes:
+        return encode_reply(result)

@@ -26,14 +26,12 @@ LIMITS
 from __future__ import annotations
 
 import logging
-import time
 
 from axpolicy import limits
 from axpolicy.log import printable
-from axpolicy.replay import ReplyMemo
 from axpolicy.result import LookupResult, Status
 from axpolicy.router import Router
-from axpolicy.stats import OUTCOME, STATS
+from axpolicy.table import TableService
 from axpolicy.wire import UNSAFE_VALUE_REASON, FrameError, LineTooLong, split_lines, unsafe_value
 
 logger = logging.getLogger(__name__)
@@ -104,56 +102,32 @@ class _Framer:
         return []
 
 
-class TcpTableService:
+class TcpTableService(TableService):
     """Answers tcp_table requests from one configured map."""
 
     protocol = "tcp_table"
-    close_after_reply = False
     tempfail_reply = b"400 internal%20error\n"
 
     def __init__(self, router: Router, map_name: str) -> None:
-        self._router = router
+        super().__init__(router, map_name)
         self._map = map_name
-        self._memo = ReplyMemo(self.protocol, router.cache)
 
     def framer(self) -> _Framer:
         return _Framer()
 
-    def replay(self, data: bytes) -> bytes | None:
-        return self._memo.get(data)
-
-    def answer_now(self, line: bytes, whole: bytes | None = None) -> bytes | None:
-        """The reply if the router knows it without I/O, else None."""
-        started = time.perf_counter()
-        command, space, argument = line.partition(b" ")
-        if command != b"get" or not space:
-            return None
-        try:
-            key = unquote(argument).decode("utf-8")
-        except (QuoteError, UnicodeDecodeError):
-            return None
-        return self._memo.reply_now(self._router, self._map, key, reply_line, started, whole)
-
-    async def answer(self, line: bytes, whole: bytes | None = None) -> bytes:
-        started = time.perf_counter()
+    def decode(self, line: bytes) -> tuple[str, str] | bytes:
         command, space, argument = line.partition(b" ")
         if command != b"get" or not space:
             logger.warning("tcp_table: unsupported request: %s", printable(line))
             return b"400 unsupported%20request\n"
         try:
-            key = unquote(argument).decode("utf-8")
+            return self._map, unquote(argument).decode("utf-8")
         except QuoteError:
             logger.warning("tcp_table: malformed key: %s", printable(argument))
             return b"400 malformed%20key\n"
         except UnicodeDecodeError:
             logger.info("tcp_table: key is not UTF-8, not found: %s", printable(argument))
             return b"500 not%20found\n"
-        result = await self._router.query(self._map, key)
-        outcome = OUTCOME[result.status]
-        STATS.record("tcp_table", self._map, outcome, time.perf_counter() - started)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("tcp_table %s %s: %s", self._map, printable(key), result.status.value)
-        reply = reply_line(result)
-        if whole is not None:
-            self._memo.put_if_current(whole, reply, self._router, self._map, key, result, outcome)
-        return reply
+
+    def encode(self, result: LookupResult) -> bytes:
+        return reply_line(result)

@@ -11,6 +11,7 @@ protocol.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from axpolicy.log import printable
@@ -66,16 +67,12 @@ class Service(Protocol):
         """The reply if *data*, as read, is one whole request answered before and still current."""
         ...
 
-    def answer_now(self, request: Any, whole: bytes | None = None) -> bytes | None:
-        """Reply bytes if they are known without I/O (the fast path), else None.
-
-        *whole* is the bytes read when they held exactly this request: a
-        service may keep the reply for :meth:`replay`.
+    def answer(self, request: Any, whole: bytes | None = None) -> bytes | None | Awaitable[bytes | None]:
+        """Reply bytes for *request*: at once when they need no I/O (the fast path, written in the
+        callback that read the request), else an awaitable.  None closes the connection without a
+        reply.  *whole* is the bytes read when they held exactly this request: a service may keep the
+        reply for :meth:`replay`.
         """
-        ...
-
-    async def answer(self, request: Any, whole: bytes | None = None) -> bytes | None:
-        """Reply bytes for *request*; None closes the connection without a reply (*whole*: as answer_now)."""
         ...
 
 

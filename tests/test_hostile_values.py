@@ -89,5 +89,5 @@ def test_no_encoder_ever_sends_a_control_or_separator_character(value: str) -> N
     assert socketmap.encode_reply(result) == b"26:TEMP user map value unsafe,"
     assert tcptable.reply_line(result) == b"400 user%20map%20value%20unsafe\n"
     assert readsocket.reply_body(result) == b"TEMP user map value unsafe"
-    service = policy.PolicyService(None, policy.PolicyConfig(mapped="FILTER smtp:[%s]"))  # type: ignore[arg-type]
+    service = policy.PolicyService(None, policy.PolicyConfig(usermap="people", mapped="FILTER smtp:[%s]"))  # type: ignore[arg-type]
     assert service._reply(result, 0.0) == b"action=DEFER_IF_PERMIT 4.3.0 User map temporarily unavailable\n\n"

@@ -123,7 +123,7 @@ def test_waiters_of_a_shared_lookup_all_get_a_temporary_failure_with_one_traceba
     router, _ = router_with_a_bug(tmp_path, "socketmap", cached=True)
 
     async def go() -> list[LookupResult]:
-        return list(await asyncio.gather(*(router.query("transport", BOOM) for _ in range(5))))
+        return list(await asyncio.gather(*(router.resolve(BOOM) for _ in range(5))))
 
     results = run(go())
     assert {r.reason for r in results} == {"user map internal error"}

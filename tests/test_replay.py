@@ -20,7 +20,7 @@ import pytest
 from axpolicy import config, limits
 from axpolicy.replay import ReplyMemo
 from axpolicy.result import NOTFOUND, found
-from axpolicy.router import Fresh, Router
+from axpolicy.router import Answer, Router
 from axpolicy.stats import STATS
 from tests.conftest import ldap_map, own_slapd, postmap
 from tests.daemon import Axpolicy
@@ -31,7 +31,7 @@ from tests.test_cache import make
 def test_a_reply_is_replayed_only_until_its_answer_expires() -> None:
     cache, clock = make()
     memo = ReplyMemo("socketmap", cache)
-    memo.put(b"req", b"reply", Fresh(found("x"), clock.now + 10), "transport", "found")
+    memo.put(b"req", b"reply", Answer(found("x"), clock.now + 10), "transport", "found")
     before = STATS.requests[("socketmap", "transport", "found")]
     assert memo.get(b"req") == b"reply"
     assert STATS.requests[("socketmap", "transport", "found")] == before + 1
@@ -44,8 +44,8 @@ def test_a_reply_is_replayed_only_until_its_answer_expires() -> None:
 def test_answers_that_can_change_at_any_moment_are_not_kept() -> None:
     cache, clock = make()
     memo = ReplyMemo("socketmap", cache)
-    memo.put(b"req", b"reply", Fresh(found("x"), 0.0), "files", "found")
-    memo.put(b"old", b"reply", Fresh(found("x"), clock.now), "files", "found")
+    memo.put(b"req", b"reply", Answer(found("x"), 0.0), "files", "found")
+    memo.put(b"old", b"reply", Answer(found("x"), clock.now), "files", "found")
     assert (memo.get(b"req"), memo.get(b"old"), len(memo)) == (None, None, 0)
 
 
@@ -53,7 +53,7 @@ def test_an_answer_watched_for_changes_is_replayed_only_while_nothing_changed() 
     cache, clock = make()
     memo = ReplyMemo("socketmap", cache)
     watched = Watched()
-    memo.put(b"req", b"reply", Fresh(found("x"), math.inf, watched, watched.version), "people", "found")  # type: ignore[arg-type]
+    memo.put(b"req", b"reply", Answer(found("x"), math.inf, watched, watched.version), "people", "found")  # type: ignore[arg-type]
     assert memo.get(b"req") == b"reply"
     watched.version += 1
     assert memo.get(b"req") is None
@@ -73,7 +73,7 @@ def test_the_memo_is_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch) -> No
     cache, clock = make()
     memo = ReplyMemo("tcp_table", cache)
     for n in range(5):
-        memo.put(b"%d" % n, b"r", Fresh(found("x"), clock.now + 1), "m", "found")
+        memo.put(b"%d" % n, b"r", Answer(found("x"), clock.now + 1), "m", "found")
     assert len(memo) == 3
     assert memo.get(b"0") is None and memo.get(b"4") == b"r"
 
@@ -95,17 +95,20 @@ def make_router(tmp_path: Path) -> Router:
 
 def test_the_router_says_how_long_each_answer_holds(tmp_path: Path) -> None:
     router = make_router(tmp_path)
+    maps = router.config.maps
     now = router.cache.clock()
     router.cache.put("people\x00alice+tag@example.com", NOTFOUND)      # fresh for negative_ttl
     router.cache.put("people\x00alice@example.com", found("127.0.0.2"))  # fresh for ttl
-    fresh = router.query_fresh("transport", "alice+tag@example.com")
-    assert fresh is not None and fresh.result == found("relay:[127.0.0.2]")
-    assert fresh.until == pytest.approx(now + 60, abs=30)     # the earlier of the two
-    assert fresh.watch is None
-    assert router.query_fresh("transport", "bob@example.com") is None          # not cached: needs I/O
-    assert router.query_fresh("transport", "bob@example.org") == Fresh(NOTFOUND, math.inf)   # outside domains
-    assert router.query_fresh("domain", "Example.COM") == Fresh(found("OK"), math.inf)
-    assert router.query_fresh("files", "carol@example.com") == Fresh(found("127.0.0.3"), 0.0)  # file may change
+    answer = router.query(maps["transport"], "alice+tag@example.com")
+    assert isinstance(answer, Answer) and answer.result == found("relay:[127.0.0.2]")
+    assert answer.until == pytest.approx(now + 60, abs=30)     # the earlier of the two
+    assert answer.watch is None
+    pending = router.query(maps["transport"], "bob@example.com")       # not cached: needs I/O
+    assert not isinstance(pending, Answer)
+    pending.close()  # type: ignore[attr-defined]   # a coroutine, never awaited here
+    assert router.query(maps["transport"], "bob@example.org") == Answer(NOTFOUND, math.inf)   # outside domains
+    assert router.query(maps["domain"], "Example.COM") == Answer(found("OK"), math.inf)
+    assert router.query(maps["files"], "carol@example.com") == Answer(found("127.0.0.3"), 0.0)  # file may change
 
 
 @pytest.fixture(scope="module")
