@@ -91,7 +91,7 @@ class Router:
         self.config = config
         self.usermaps = dict(usermaps)
         self.cache = cache
-        self._inflight: dict[str, asyncio.Task[LookupResult]] = {}
+        self._inflight: dict[str, asyncio.Future[LookupResult]] = {}
         self._answers: dict[tuple[str, str], LookupResult] = {}
 
     @classmethod
@@ -252,14 +252,25 @@ class Router:
         cached = self.cache.get(cache_key)
         if cached is not None:
             return cached
-        task = self._inflight.get(cache_key)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch(target, key, cache_key))
-            self._inflight[cache_key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(cache_key, None))
-        # shield: a client that goes away must not cancel the search that
-        # other clients are waiting for.
-        return await asyncio.shield(task)
+        shared = self._inflight.get(cache_key)
+        if shared is not None:
+            # Another request is asking already.  shield: this waiter going
+            # away must not cancel the answer the others wait for.
+            return await asyncio.shield(shared)
+        # The first request asks in its own task (no task of its own for
+        # the lookup: a cold lookup is latency-bound); requests for the same
+        # key meanwhile wait for its answer.  Servers do not cancel the
+        # answers of a client that went away (axpolicy/server.py), so this
+        # is cancelled only at shutdown: the others then get a TEMP.
+        shared = asyncio.get_running_loop().create_future()
+        self._inflight[cache_key] = shared
+        result = temp("user map lookup abandoned")
+        try:
+            result = await self._fetch(target, key, cache_key)
+            return result
+        finally:
+            del self._inflight[cache_key]
+            shared.set_result(result)
 
     async def _fetch(self, target: UserMap, key: str, cache_key: str) -> LookupResult:
         try:

@@ -145,10 +145,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._listener.forget(self)
-        # Our answer tasks only; searches shared with other clients are
-        # shielded in the router and carry on.
-        for task in self._queue:
-            task.cancel()
+        # Answers still being looked up are not cancelled: another client
+        # may be waiting for the same lookup (the router runs it in the
+        # task of the request that asked first).  They end within the user
+        # map's deadline and their replies are dropped (_flush).
         self._queue.clear()
 
     def data_received(self, data: bytes) -> None:

@@ -73,7 +73,7 @@ class Bench:
 
     def start(self) -> None:
         print(f"setting up: slapd with {self.args.users} users ...", flush=True)
-        self.slapd = Slapd(self.workdir / "slapd", users_ldif(self.args.users))
+        self.slapd = Slapd(self.workdir / "slapd", users_ldif(self.args.users), tls=True)
         self.slapd.start()
         self.stack.callback(self.slapd.destroy)
         ldap_cf = self.workdir / "ldap-mailhost.cf"
@@ -83,6 +83,10 @@ class Bench:
         self.native = f"ldap:{ldap_cf}"
         self.axpolicy = self._axpolicy()
         self.replica = self._axpolicy(replica=True)
+        # The same map over TLS: ldaps:// and StartTLS (one code path for all three).
+        tls = {"ca_file": str(self.slapd.ca_file)}
+        self.ldaps = self._axpolicy(ldap={**tls, "servers": [self.slapd.ldaps_url]})
+        self.starttls = self._axpolicy(ldap={**tls, "start_tls": True})
         secret = self.workdir / "postsrsd.secret"
         secret.write_text("benchmark-secret\n")
         self.postsrsd_port = free_port()
@@ -92,14 +96,15 @@ class Bench:
         self.stack.callback(stop_process, proc)
         wait_port(self.postsrsd_port)
 
-    def _axpolicy(self, cache: dict[str, Any] | None = None, replica: bool = False) -> Axpolicy:
+    def _axpolicy(self, cache: dict[str, Any] | None = None, replica: bool = False,
+                  ldap: dict[str, Any] | None = None) -> Axpolicy:
         config = {
             "user": "root",
             "log": {"target": "stderr", "level": "info"},
             "usermaps": {"people": {"type": "ldap", "servers": [self.slapd.url], "bind_dn": BIND_DN,
                                     "bind_password": BIND_PW, "base": PEOPLE, "filter": FILTER,
                                     "host_attribute": "mailHost", "timeout": 3, "pool_size": 4,
-                                    "replica": replica}},
+                                    "replica": replica, **(ldap or {})}},
             "recipient_delimiter": "+",
             "cache": cache or {"ttl": 3600, "negative_ttl": 3600, "stale_if_error": 3600, "max_entries": 200000},
             "listen": [{"protocol": "socketmap", "address": f"inet:127.0.0.1:{free_port()}"},
@@ -115,9 +120,10 @@ class Bench:
             wait_replica(server, 1)
         return server
 
-    def restart_axpolicy(self) -> None:
-        self.axpolicy.stop()
-        self.axpolicy.start()
+    def restart_axpolicy(self, server: Axpolicy | None = None) -> None:
+        server = server or self.axpolicy
+        server.stop()
+        server.start()
 
     def restart_replica(self) -> None:
         """A fresh daemon whose replica has completed its refresh: nothing is cached."""
@@ -171,6 +177,11 @@ class Bench:
             ("native ldap: (found)", self.native, lambda: keys, host_of, None),
             ("native ldap: (unknown keys)", self.native, self.unknown_keys, lambda k: None, None),
             ("axpolicy socketmap: cold cache", self.socketmap(), lambda: keys, host_of, self.restart_axpolicy),
+            ("axpolicy socketmap: cold cache, ldaps://", f"socketmap:{self.ldaps.address('socketmap')}:mailhost",
+             lambda: keys, host_of, lambda: self.restart_axpolicy(self.ldaps)),
+            ("axpolicy socketmap: cold cache, StartTLS",
+             f"socketmap:{self.starttls.address('socketmap')}:mailhost", lambda: keys, host_of,
+             lambda: self.restart_axpolicy(self.starttls)),
             ("axpolicy socketmap: warm (asked once before)", self.socketmap(), lambda: keys, host_of, None),
             ("axpolicy socketmap: warm (asked twice before)", self.socketmap(), lambda: keys, host_of, None),
             ("axpolicy tcp: warm (new to this listener)", self.tcp(), lambda: keys, host_of, None),
