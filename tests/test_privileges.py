@@ -97,3 +97,31 @@ def test_nothing_is_imported_or_read_as_root_after_the_drop(slapd: Slapd, tmp_pa
     assert imports_after_the_drop(log) == [], "\n".join(imports_after_the_drop(log))
     if not stdlib_hidden:
         pytest.skip("passed, but this Python's files are readable by nobody: only the import check was strict")
+
+
+def test_the_event_loop_in_use_is_said_in_the_log(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """uvloop missing or broken is never silent."""
+    import builtins
+    import importlib.util
+    import logging
+
+    from axpolicy import daemon
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    daemon.new_event_loop().close()
+    assert "uvloop is not installed; using asyncio's own event loop" in caplog.text
+    monkeypatch.undo()
+    real_import = builtins.__import__
+
+    def broken(name: str, *args: object, **kwargs: object) -> object:
+        if name == "uvloop":
+            raise ImportError("libuv.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    if importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed here")
+    daemon.new_event_loop().close()
+    assert "uvloop is installed but cannot be imported (libuv.so" in caplog.text
