@@ -25,11 +25,14 @@ LIMITS
     Only a regular file is read (not a FIFO or a device).
 
     A host must be a DNS name, an IPv4 address or an IPv6 address without
-    a zone (:func:`axpolicy.address.valid_host`); a file with any other
-    host value is refused as a whole, like any other error in it.
+    a zone (:func:`axpolicy.address.valid_host`).  An entry with any other
+    host value is a temporary failure with a warning, as in an LDAP map:
+    the file still loads (one bad line must not stop the routing of every
+    other user), the line is reported at load and by ``check-config``,
+    and mail for that entry waits instead of going to a guessed host.
 
 DIAGNOSTICS
-    FOUND or NOTFOUND; never TEMP once loaded.  :class:`FileMapError` names
+    FOUND or NOTFOUND; TEMP only for an entry with a bad host value.  :class:`FileMapError` names
     the file and line of the first problem and never quotes the file (it
     may be a file that was never meant to be a user map).
 """
@@ -47,7 +50,7 @@ from axpolicy import limits
 from axpolicy.address import AddressError, normalize_domain, parse, valid_host
 from axpolicy.config import FileMapConfig
 from axpolicy.files import FileReadError, read_regular
-from axpolicy.result import NOTFOUND, LookupResult, found
+from axpolicy.result import NOTFOUND, LookupResult, found, temp
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +61,29 @@ class FileMapError(Exception):
     """The map file is unusable; the message names the file and line."""
 
 
+# Stands for the host of an entry whose host value is invalid (followed by
+# where it is); no valid host starts with NUL.
+_BAD_HOST = "\x00"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Table:
     exact: dict[str, str]
     patterns: tuple[tuple[re.Pattern[str], str], ...]
     signature: tuple[int, int, int]
+    problems: tuple[str, ...] = ()
 
 
-def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.Pattern[str], str], ...]]:
-    """Parse map text; raise FileMapError naming ``origin:line``."""
+def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.Pattern[str], str], ...],
+                                                 tuple[str, ...]]:
+    """Parse map text: (exact keys, expressions, problems that make an entry a temporary failure).
+
+    FileMapError, naming ``origin:line``, for anything else that is wrong.
+    """
     exact: dict[str, str] = {}
     first_seen: dict[str, int] = {}
     patterns: list[tuple[re.Pattern[str], str]] = []
+    problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         where = f"{origin}:{number}"
         if len(line.encode("utf-8", "surrogatepass")) > limits.FILEMAP_MAX_LINE_BYTES:
@@ -87,7 +101,7 @@ def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.
                 pattern = re.compile(match["pattern"], re.IGNORECASE | re.ASCII)
             except re.error as exc:
                 raise FileMapError(f"{where}: bad regular expression: {exc}") from None
-            patterns.append((pattern, _host(match["host"], where)))
+            patterns.append((pattern, _host(match["host"], where, problems)))
             continue
         fields = line.split()
         if len(fields) != 2:
@@ -102,14 +116,15 @@ def parse_table(text: str, origin: str) -> tuple[dict[str, str], tuple[tuple[re.
             raise FileMapError(f"{where}: the key cannot be a user: {exc}") from None
         if key in exact:
             raise FileMapError(f"{where}: duplicate key (first on line {first_seen[key]})")
-        exact[key] = _host(host_text, where)
+        exact[key] = _host(host_text, where, problems)
         first_seen[key] = number
-    return exact, tuple(patterns)
+    return exact, tuple(patterns), tuple(problems)
 
 
-def _host(text: str, where: str) -> str:
+def _host(text: str, where: str, problems: list[str]) -> str:
     if not valid_host(text):
-        raise FileMapError(f"{where}: the host is not a host name or IP address")
+        problems.append(f"{where}: the host is not a host name or IP address; the entry is a temporary failure")
+        return _BAD_HOST + where
     return text.lower()
 
 
@@ -126,8 +141,8 @@ def _read(path: str) -> _Table:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FileMapError(f"{path}: not UTF-8 (byte {exc.start})") from None
-    exact, patterns = parse_table(text, path)
-    return _Table(exact, patterns, _signature(stat))
+    exact, patterns, problems = parse_table(text, path)
+    return _Table(exact, patterns, _signature(stat), problems)
 
 
 class FileUserMap:
@@ -139,6 +154,8 @@ class FileUserMap:
         self.cached = False
         self._path = cfg.path
         self._table = _read(cfg.path)  # FileMapError at start-up is fatal
+        for problem in self._table.problems:
+            logger.warning("usermap %s: %s", self.name, problem)
         self._checked = time.monotonic()
         self._reloading: asyncio.Lock | None = None
 
@@ -158,16 +175,26 @@ class FileUserMap:
             return None
         return self._find(key)
 
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Entries of the loaded file that are temporary failures (bad host values), with file and line."""
+        return self._table.problems
+
     def _find(self, key: str) -> LookupResult:
         table = self._table
         host = table.exact.get(key)
-        if host is not None:
-            return found(host)
-        if not key.startswith("@"):
+        if host is None and not key.startswith("@"):
             for pattern, pattern_host in table.patterns:
                 if pattern.search(key):
-                    return found(pattern_host)
-        return NOTFOUND
+                    host = pattern_host
+                    break
+        if host is None:
+            return NOTFOUND
+        if host.startswith(_BAD_HOST):
+            logger.warning("usermap %s: %s: the host is not a host name or IP address; temporary failure",
+                           self.name, host[len(_BAD_HOST):])
+            return temp("user map entry has a bad host")
+        return found(host)
 
     async def _maybe_reload(self) -> None:
         if self._reloading is None:
@@ -200,6 +227,8 @@ class FileUserMap:
             return False
         self._table = table
         logger.info("usermap %s: reloaded %s (%d entries)", self.name, self._path, self.size)
+        for problem in table.problems:
+            logger.warning("usermap %s: %s", self.name, problem)
         return True
 
     def answers_version(self) -> int | None:

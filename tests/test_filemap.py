@@ -10,7 +10,7 @@ import pytest
 from axpolicy import config
 from axpolicy.config import FileMapConfig
 from axpolicy.filemap import FileMapError, FileUserMap, parse_table
-from axpolicy.result import Status
+from axpolicy.result import LookupResult, Status, found, temp
 from axpolicy.router import Router
 from tests.conftest import run
 
@@ -77,8 +77,6 @@ def test_domains_limits_which_addresses_are_looked_up(mapfile: Path) -> None:
     ("alice@example.com\n", ":1: expected 'address host'"),
     ("alice@example.com 127.0.0.2 extra\n", ":1: expected"),
     ("# ok\nalice%x@example.com 127.0.0.2\n", ":2: the key cannot be a user"),
-    ("alice@example.com [127.0.0.2]\n", ":1: the host is not a host name"),
-    ("alice@example.com ::1%x],[victim.test]\n", ":1: the host is not a host name"),   # IPv6 zone id
     ("/unclosed[/ 127.0.0.2\n", ":1: bad regular expression"),
     ("/x/i 127.0.0.2\n", ":1: regex flags are not supported"),
     ("a@example.com h1\nA@Example.com h2\n", ":2: duplicate key (first on line 1)"),
@@ -118,6 +116,24 @@ def test_only_a_regular_file_is_read(tmp_path: Path, kind: str) -> None:
         path.mkdir()
     with pytest.raises(FileMapError, match=f"{path}: not a regular file"):
         FileUserMap(FileMapConfig(name="local", path=str(path)))
+
+
+@pytest.mark.parametrize("host", ["[127.0.0.2]", "::1%x],[victim.test]", "127.0.0.2:25", "relay:host"])
+def test_an_entry_with_a_bad_host_is_a_temporary_failure_and_the_rest_still_routes(
+        tmp_path: Path, host: str, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "usermap"
+    path.write_text(f"alice@example.com 127.0.0.2\nbad@example.com {host}\n/^worse-.*@example\\.com$/ {host}\n")
+    usermap = FileUserMap(FileMapConfig(name="local", path=str(path)))
+    assert usermap.problems == (f"{path}:2: the host is not a host name or IP address; the entry is a "
+                                f"temporary failure", f"{path}:3: the host is not a host name or IP address; "
+                                f"the entry is a temporary failure")
+    assert f"{path}:2: the host is not a host name" in caplog.text        # said at load
+
+    async def go() -> list[LookupResult]:
+        return [await usermap.lookup(k) for k in ("alice@example.com", "bad@example.com", "worse-x@example.com")]
+    assert run(go()) == [found("127.0.0.2"), temp("user map entry has a bad host"),
+                         temp("user map entry has a bad host")]
+    assert host not in caplog.text                                       # where, never what
 
 
 def test_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
