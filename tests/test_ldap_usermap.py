@@ -231,22 +231,17 @@ def test_hung_first_server_fails_over_without_ever_saying_not_found(slapd: Slapd
 
 
 def test_a_hung_first_server_is_answered_by_the_second_within_one_lookup(slapd: Slapd, slapd2: Slapd) -> None:
-    """The deadline is shared: the first server gets half of it, the second the rest."""
-    async def go() -> tuple[LookupResult, float]:
+    """The deadline is shared: the first server gets half of it, the second the rest (no "timeout")."""
+    async def go() -> LookupResult:
         router = make_router(slapd, slapd2, timeout=1, failback_interval=30)
         try:
             await router.resolve("whoami@example.com")          # connected to the first
             slapd.pause()
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            result = await router.resolve("whoami@example.com")
-            return result, loop.time() - started
+            return await router.resolve("whoami@example.com")
         finally:
             slapd.resume()
             await router.close()
-    result, seconds = run(go())
-    assert result == LookupResult(Status.FOUND, "127.0.0.3")
-    assert seconds < 1.5                                         # generous: never the whole timeout twice
+    assert run(go()) == LookupResult(Status.FOUND, "127.0.0.3")
 
 
 def test_a_reset_connection_is_answered_by_the_second_server(slapd: Slapd, slapd2: Slapd) -> None:
@@ -308,20 +303,17 @@ def test_the_defaults_absorb_a_burst_of_unique_lookups(slapd: Slapd) -> None:
 
 
 def test_the_connect_timeout_bounds_a_server_that_never_completes_the_handshake(slapd: Slapd) -> None:
-    """A hung server that accepts TCP but never answers the bind: TEMP after connect_timeout, not timeout."""
-    async def go() -> tuple[LookupResult, float]:
+    """A hung server that accepts TCP but never answers the bind: the connect step gives up on its own
+    ("unavailable"), long before the lookup's deadline would ("timeout")."""
+    async def go() -> LookupResult:
         router = make_router(slapd, timeout=5, connect_timeout=0.3)
         slapd.pause()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         try:
-            return await router.resolve("alice@example.com"), loop.time() - started
+            return await router.resolve("alice@example.com")
         finally:
             slapd.resume()
             await router.close()
-    result, seconds = run(go())
-    assert result == LookupResult(Status.TEMP, reason="user map unavailable")
-    assert seconds < 4
+    assert run(go()) == LookupResult(Status.TEMP, reason="user map unavailable")
 
 
 def test_both_servers_down_is_a_temporary_failure(slapd: Slapd, slapd2: Slapd) -> None:
