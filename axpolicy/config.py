@@ -100,15 +100,18 @@ class CacheConfig:
     max_entries: int = 100000
 
 
-Protocol = Literal["policy", "socketmap", "tcp_table", "readsocket"]
-PROTOCOLS: tuple[Protocol, ...] = ("policy", "socketmap", "tcp_table", "readsocket")
+Protocol = Literal["policy", "socketmap", "tcp_table", "readsocket", "dovecot_auth"]
+PROTOCOLS: tuple[Protocol, ...] = ("policy", "socketmap", "tcp_table", "readsocket", "dovecot_auth")
 
 # Server-side idle timeouts, each longer than the client's own idle limit so
 # that the client, not axpolicy, closes idle connections (a server-side
 # close costs Postfix a retry delay): smtpd_policy_service_max_idle 300s,
 # socketmap idle 10s and TTL 100s; dict_tcp never closes an idle connection
 # and Exim's readsocket opens one connection per request.
+# Postfix keeps one dovecot auth connection per smtpd process, idle between
+# SMTP sessions for as long as the process lives.
 DEFAULT_IDLE_TIMEOUT: dict[str, float] = {"policy": 330.0, "socketmap": 110.0, "tcp_table": 3600.0,
+                                          "dovecot_auth": 3600.0,
                                           "readsocket": 10.0}
 
 
@@ -156,6 +159,19 @@ class PolicyConfig:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """SMTP AUTH from an LDAP user map (README.rst, "SMTP AUTH")."""
+
+    usermap: str
+    login_filter: str | None = None      # default: the user map's filter
+    login_attribute: str = "mail"
+    cache_ttl: float = 60.0
+    failure_delay: float = 2.0
+    max_failures: int = 10
+    failure_window: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class LogConfig:
     """Where log lines go: syslog (facility mail, ident axpolicy) or stderr."""
 
@@ -190,6 +206,7 @@ class Config:
     pidfile: str | None = None
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    auth: AuthConfig | None = None
 
     @property
     def default_usermap(self) -> str:
@@ -703,8 +720,36 @@ def _metrics(value: Any) -> MetricsConfig:
     return MetricsConfig(listen=text, host=match["v6"] or match["v4"], port=int(match["port"]))
 
 
+def _auth(value: Any, usermaps: Mapping[str, UserMapConfig]) -> AuthConfig | None:
+    if value is None:
+        return None
+    raw = _mapping(value, "auth")
+    _known(raw, {f.name for f in dataclasses.fields(AuthConfig)}, "auth")
+    if "usermap" not in raw:
+        raise _fail("auth.usermap", "required: the LDAP user map whose entries may log in")
+    name = _usermap_name(raw["usermap"], usermaps, "auth.usermap")
+    if not isinstance(usermaps[name], LdapMapConfig):
+        raise _fail("auth.usermap", f"{name!r} is not an LDAP user map: only a directory can check passwords")
+    fields: dict[str, Any] = {"usermap": name}
+    if raw.get("login_filter") is not None:
+        fields["login_filter"] = _str(raw["login_filter"], "auth.login_filter")
+        check_filter(fields["login_filter"], "auth.login_filter")
+    if "login_attribute" in raw:
+        attr = _str(raw["login_attribute"], "auth.login_attribute")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", attr):
+            raise _fail("auth.login_attribute", f"not an attribute name: {attr!r}")
+        fields["login_attribute"] = attr
+    for key, maximum in (("cache_ttl", 86400.0), ("failure_delay", 60.0), ("failure_window", 86400.0)):
+        if key in raw:
+            fields[key] = _number(raw[key], f"auth.{key}", minimum=0, maximum=maximum)
+    if "max_failures" in raw:
+        fields["max_failures"] = _int(raw["max_failures"], "auth.max_failures", minimum=1,
+                                      maximum=limits.AUTH_MAX_FAILURES_KEPT)
+    return AuthConfig(**fields)
+
+
 _TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy",
-             "user", "group", "pidfile", "log", "metrics"}
+             "user", "group", "pidfile", "log", "metrics", "auth"}
 
 
 def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
@@ -717,13 +762,19 @@ def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
     usermaps = _usermaps(top["usermaps"], base_dir, secrets if secrets is not None else Secrets())
     domains = _domains(top.get("domains"))
     maps = _maps(top.get("maps", {}), usermaps, domains)
+    auth = _auth(top.get("auth"), usermaps)
+    listen = _listen(top.get("listen", []), base_dir, maps)
+    for index, listener in enumerate(listen):
+        if listener.protocol == "dovecot_auth" and auth is None:
+            raise _fail(f"listen[{index}].protocol", "dovecot_auth needs the auth section (which user map "
+                                                     "checks passwords)")
     return Config(
         path=os.path.abspath(path),
         usermaps=usermaps,
         domains=domains,
         recipient_delimiter=_delimiter(top.get("recipient_delimiter", "")),
         cache=_cache(top.get("cache", {})),
-        listen=_listen(top.get("listen", []), base_dir, maps),
+        listen=listen,
         maps=maps,
         policy=_policy(top.get("policy", {}), usermaps),
         user=_account(top.get("user"), "user", "user"),
@@ -731,6 +782,7 @@ def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
         pidfile=_path(top["pidfile"], "pidfile", base_dir) if top.get("pidfile") is not None else None,
         log=_log(top.get("log", {}), base_dir),
         metrics=_metrics(top.get("metrics", {})),
+        auth=auth,
     )
 
 
@@ -816,6 +868,7 @@ def effective(config: Config, mask_secrets: bool = True) -> dict[str, Any]:
         "pidfile": config.pidfile,
         "log": dataclasses.asdict(config.log),
         "metrics": {"listen": config.metrics.listen},
+        "auth": dataclasses.asdict(config.auth) if config.auth is not None else None,
     }
 
 

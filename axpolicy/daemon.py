@@ -64,6 +64,7 @@ from typing import Any
 
 from axpolicy import log
 from axpolicy.config import Config, ConfigError, ListenConfig, Secrets, digest, load, warnings
+from axpolicy.dovecot import DovecotAuthService
 from axpolicy.filemap import FileMapError
 from axpolicy.pidfile import PidFile, check_pidfile
 from axpolicy.policy import PolicyService
@@ -99,6 +100,10 @@ def make_service(spec: ListenConfig, router: Router, config: Config) -> Service:
         return PolicyService(router, config.policy)
     if spec.protocol == "socketmap":
         return SocketmapService(router)
+    if spec.protocol == "dovecot_auth":
+        if router.authenticator is None:
+            raise ConfigError("dovecot_auth listener without auth")  # prevented by config validation
+        return DovecotAuthService(router.authenticator)
     if spec.protocol == "tcp_table":
         if spec.map is None:
             raise ConfigError("tcp_table listener without map")  # prevented by config validation

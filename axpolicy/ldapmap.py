@@ -57,6 +57,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from axpolicy import ldapwire, limits
 from axpolicy.address import valid_host
@@ -70,6 +72,9 @@ logger = logging.getLogger(__name__)
 
 # Result codes for answers the server cut short (RFC 4511 appendix A).
 _INCOMPLETE = {3, 4, 10, 11}   # timeLimitExceeded, sizeLimitExceeded, referral, adminLimitExceeded
+_INVALID_CREDENTIALS = 49
+
+T = TypeVar("T")
 
 
 class _Server:
@@ -81,6 +86,7 @@ class _Server:
         self.endpoint: Endpoint = endpoint(url, cfg.start_tls, cfg.ca_file)
         self.down_until = 0.0
         self.connections: list[LdapConnection] = []
+        self.binders: list[LdapConnection] = []   # idle connections for user binds (SMTP AUTH)
         self.opening: asyncio.Future[LdapConnection] | None = None
         self.capacity = asyncio.Event()   # set whenever a search on this server ends
 
@@ -89,9 +95,10 @@ class _Server:
         return self.connections
 
     def close(self) -> None:
-        for conn in self.connections:
+        for conn in (*self.connections, *self.binders):
             conn.close()
         self.connections = []
+        self.binders = []
         self.capacity.set()       # waiters look again (and find nothing)
 
 
@@ -169,6 +176,41 @@ class LdapUserMap:
 
     async def _search(self, key: str, search_filter: bytes) -> LookupResult:
         """One search within ``timeout``, failing over (see module docstring)."""
+        answer = await self.failover(key, lambda server: self._search_on(
+            server, lambda message_id: self._request.encode(message_id, search_filter)))
+        if isinstance(answer, LookupResult):
+            return answer
+        server, messages = answer
+        return self._conclude(server, key, messages)
+
+    async def search(self, key: str, encode: Callable[[int], bytes]) -> list[ldapwire.Message] | LookupResult:
+        """Any search (``encode(message_id)``) on the service account's connections, within ``timeout``
+        and failing over as a lookup does: the messages that answer it, or a TEMP result."""
+        answer = await self.failover(key, lambda server: self._search_on(server, encode))
+        return answer if isinstance(answer, LookupResult) else answer[1]
+
+    async def bind_as(self, dn: bytes, password: str) -> bool | LookupResult:
+        """Whether *password* binds as *dn* (True, False for invalidCredentials) or a TEMP result.
+
+        User binds run on connections of their own (anonymous until the
+        bind), never on the service account's, so that those never change
+        identity; within ``timeout``, failing over as a lookup does.
+        """
+        answer = await self.failover(dn.decode("utf-8", "replace"), lambda server: self._bind_on(server, dn, password))
+        if isinstance(answer, LookupResult):
+            return answer
+        server, done = answer
+        if done.result_code == ldapwire.RESULT_SUCCESS:
+            return True
+        if done.result_code == _INVALID_CREDENTIALS:
+            return False
+        self.errors[server.url] += 1
+        logger.warning("usermap %s: bind as %s on %s ended with result %s", self.name,
+                       _printable(dn), server.url, ldapwire.result_name(done.result_code))
+        return temp("user map bind failed")
+
+    async def failover(self, what: str, attempt: Callable[[_Server], Awaitable[T]]) -> tuple[_Server, T] | LookupResult:
+        """Run *attempt* on the servers in order within ``timeout`` (see module docstring), or TEMP."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._cfg.timeout
         candidates = self._candidates()
@@ -182,32 +224,29 @@ class LdapUserMap:
             budget = remaining / (len(candidates) - position)
             try:
                 async with asyncio.timeout(budget):
-                    messages = await self._search_on(server, search_filter)
+                    return server, await attempt(server)
             except TimeoutError:
                 timed_out = True
                 last_error = f"no answer within {budget:.3g}s"
                 self._mark_down(server, last_error, hung=True)
-                continue
             except LdapConnectionError as exc:
                 timed_out = False
                 last_error = str(exc)
                 self._mark_down(server, last_error)
-                continue
-            return self._conclude(server, key, messages)
         if timed_out:
             logger.warning("usermap %s: no answer within %gs for %s", self.name, self._cfg.timeout,
-                           _printable(key))
+                           _printable(what))
             return temp("user map timeout")
         logger.warning("usermap %s: no server could answer (last: %s)", self.name, _printable(last_error))
         return temp("user map unavailable")
 
-    async def _search_on(self, server: _Server, search_filter: bytes) -> list[ldapwire.Message]:
+    async def _search_on(self, server: _Server, encode: Callable[[int], bytes]) -> list[ldapwire.Message]:
         """The messages that answer one search on *server* (LdapConnectionError, TimeoutError)."""
         for attempt in (1, 2):
             conn, reused = await self._connection(server)
             self.searches[server.url] += 1
             try:
-                return await conn.operation(lambda message_id: self._request.encode(message_id, search_filter))
+                return await conn.operation(encode)
             except LdapConnectionError:
                 if attempt == 1 and reused and server.down_until <= asyncio.get_running_loop().time():
                     # Most likely a restart or a server-side idle close:
@@ -216,6 +255,29 @@ class LdapUserMap:
                 raise
             finally:
                 server.capacity.set()
+        raise LdapConnectionError("retry failed")   # not reached
+
+    async def _bind_on(self, server: _Server, dn: bytes, password: str) -> ldapwire.Message:
+        """One user bind on a bind connection of *server* (LdapConnectionError, TimeoutError)."""
+        for attempt in (1, 2):
+            reused = bool(server.binders)
+            conn = server.binders.pop() if reused else await self._connect(server, anonymous=True)
+            try:
+                done = (await conn.operation(lambda message_id: ldapwire.encode_bind(
+                    message_id, dn.decode("utf-8", "surrogateescape"), password)))[-1]
+            except LdapConnectionError:
+                conn.close()
+                if attempt == 1 and reused and server.down_until <= asyncio.get_running_loop().time():
+                    continue
+                raise
+            except BaseException:
+                conn.close()      # cancelled mid-bind: the connection's state is unknown
+                raise
+            if len(server.binders) < self._cfg.pool_size and conn.usable:
+                server.binders.append(conn)
+            else:
+                conn.close()
+            return done
         raise LdapConnectionError("retry failed")   # not reached
 
     async def _connection(self, server: _Server) -> tuple[LdapConnection, bool]:
@@ -247,12 +309,13 @@ class LdapUserMap:
         task.add_done_callback(opened)
         return task
 
-    async def _connect(self, server: _Server) -> LdapConnection:
-        """Connect, secure and bind within ``connect_timeout`` (LdapConnectionError)."""
+    async def _connect(self, server: _Server, anonymous: bool = False) -> LdapConnection:
+        """Connect, secure and bind (as the service account unless *anonymous*) within
+        ``connect_timeout`` (LdapConnectionError)."""
         cfg = self._cfg
         try:
             async with asyncio.timeout(cfg.connect_timeout):
-                return await open_connection(server.endpoint, cfg.bind_dn, cfg.bind_password)
+                return await open_connection(server.endpoint, None if anonymous else cfg.bind_dn, cfg.bind_password)
         except TimeoutError:
             raise LdapConnectionError(f"connect: no answer within {cfg.connect_timeout:g}s") from None
 

@@ -91,6 +91,20 @@ LDAP_MAX_RESPONSE_BYTES = 1024 * 1024
 # about 400 bytes each (12 MiB when full, docs/benchmarks.rst).
 REPLY_MEMO_ENTRIES = 32768
 
+# SMTP AUTH (axpolicy/authn.py): input refused before any search, and how
+# much the throttling and the cache of verified pairs may remember.
+AUTH_MAX_LOGIN_BYTES = 320
+AUTH_MAX_PASSWORD_BYTES = 1024
+AUTH_MAX_TRACKED = 100000
+AUTH_MAX_CACHED = 100000
+AUTH_MAX_FAILURES_KEPT = 1000    # per key: at least max_failures (its largest allowed value)
+
+# Dovecot auth protocol (axpolicy/dovecot.py): Dovecot's own line limit
+# (AUTH_CLIENT_MAX_LINE_LENGTH), and unfinished exchanges kept per
+# connection (a client may abandon one without saying so).
+DOVECOT_MAX_LINE_BYTES = 16384
+DOVECOT_MAX_PENDING = 16
+
 # Replica (RFC 4533): a silent sync connection is probed after this long,
 # and must answer within the map's timeout.
 REPLICA_PROBE_SECONDS = 5.0

@@ -27,6 +27,7 @@ METRICS
     axpolicy_connections{listener,protocol}  (open now)
     axpolicy_connections_evicted_total{listener,protocol}  (idle ones closed to admit new ones)
     axpolicy_connections_refused_total{listener,protocol}  (at max_connections with every one busy)
+    axpolicy_auth_total{outcome}  (SMTP AUTH: ok, fail, temp)
     axpolicy_internal_errors_total{listener,protocol}  (requests answered "temporary failure" for a bug)
     axpolicy_protocol_errors_total{listener,protocol}
     axpolicy_config_info{digest}  (always 1)
@@ -105,6 +106,11 @@ class _Collector:
             overloaded.add_metric([name], usermap.overloaded)
         yield from (searches, errors, failovers, overloaded)
         yield from self._replicas(router)
+        if router.authenticator is not None:
+            auth = CounterMetricFamily("axpolicy_auth", "SMTP AUTH attempts answered", labels=["outcome"])
+            for outcome in ("ok", "fail", "temp"):
+                auth.add_metric([outcome], router.authenticator.outcomes[outcome])
+            yield auth
         connections = GaugeMetricFamily("axpolicy_connections", "Open client connections",
                                         labels=["listener", "protocol"])
         protocol_errors = CounterMetricFamily("axpolicy_protocol_errors", "Connections closed for protocol errors",

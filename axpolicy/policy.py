@@ -175,6 +175,10 @@ class PolicyService:
         """Never: every policy request carries its own instance and client attributes."""
         return None
 
+    def greeting(self) -> bytes | None:
+        """Postfix speaks first."""
+        return None
+
     def answer(self, request: Request, whole: bytes | None = None) -> bytes | None | Awaitable[bytes]:
         """The reply at once when it needs no I/O (other states, cache hits), else an awaitable reply.
 

@@ -32,8 +32,10 @@ from collections.abc import Awaitable, Mapping
 from typing import NamedTuple
 
 from axpolicy.address import AddressError, normalize_domain, parse, search_keys
+from axpolicy.authn import Authenticator
 from axpolicy.cache import LookupCache
-from axpolicy.config import Config, MapConfig, expand_template
+from axpolicy.config import Config, LdapMapConfig, MapConfig, expand_template
+from axpolicy.ldapmap import LdapUserMap
 from axpolicy.log import printable
 from axpolicy.result import NOTFOUND, LookupResult, Status, found, perm, temp
 from axpolicy.usermap import UserMap, open_usermap
@@ -87,10 +89,12 @@ def _same_answers(old: Config, new: Config) -> bool:
 class Router:
     """Resolve addresses through named user maps with a shared cache."""
 
-    def __init__(self, config: Config, usermaps: Mapping[str, UserMap], cache: LookupCache) -> None:
+    def __init__(self, config: Config, usermaps: Mapping[str, UserMap], cache: LookupCache,
+                 authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.usermaps = dict(usermaps)
         self.cache = cache
+        self.authenticator = authenticator   # SMTP AUTH, when the configuration has auth:
         self._inflight: dict[str, asyncio.Future[LookupResult]] = {}
         self._answers: dict[tuple[str, str], LookupResult] = {}
 
@@ -113,7 +117,17 @@ class Router:
             cache = previous.cache
         else:
             cache = LookupCache(config.cache)
-        return cls(config, usermaps, cache)
+        authenticator = None
+        if config.auth is not None:
+            name = config.auth.usermap
+            if (previous is not None and previous.authenticator is not None and previous.config.auth == config.auth
+                    and previous.usermaps.get(name) is usermaps[name]):
+                authenticator = previous.authenticator   # keeps its throttling and cache
+            else:
+                usermap, map_cfg = usermaps[name], config.usermaps[name]
+                if isinstance(usermap, LdapUserMap) and isinstance(map_cfg, LdapMapConfig):  # config checked it
+                    authenticator = Authenticator(config.auth, usermap, map_cfg)
+        return cls(config, usermaps, cache, authenticator)
 
     def start(self) -> None:
         """Start the user maps' background work (replicas); on the event loop."""

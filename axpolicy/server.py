@@ -141,6 +141,9 @@ class Connection(asyncio.Protocol):
             self._transport.abort()
             return
         self._transport.set_write_buffer_limits(high=256 * 1024)
+        greeting = self._listener.service.greeting()
+        if greeting is not None:
+            self._transport.write(greeting)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -267,7 +270,7 @@ class Connection(asyncio.Protocol):
             return
         self._maybe_resume_reading()
 
-    def _internal_error(self, error: BaseException) -> bytes:
+    def _internal_error(self, error: BaseException) -> bytes | None:
         """The temporary-failure reply for a request whose answer raised *error* (logged once)."""
         logger.error("%s from %s: unexpected error while answering; answering temporary failure",
                      self._service.protocol, self.peer, exc_info=error)

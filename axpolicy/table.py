@@ -59,6 +59,10 @@ class TableService:
     def replay(self, data: bytes) -> bytes | None:
         return self._memo.get(data) if self._memo is not None else None
 
+    def greeting(self) -> bytes | None:
+        """The client speaks first."""
+        return None
+
     def answer(self, request: Any, whole: bytes | None = None) -> bytes | Awaitable[bytes]:
         """The reply at once when it needs no I/O, else an awaitable reply."""
         started = time.perf_counter()

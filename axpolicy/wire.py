@@ -56,9 +56,17 @@ class Service(Protocol):
 
     protocol: str
     close_after_reply: bool
-    # The protocol's "temporary failure" reply, sent for a request whose
-    # answer raised an unexpected exception (the server logs it once).
-    tempfail_reply: bytes
+
+    @property
+    def tempfail_reply(self) -> bytes | None:
+        """The protocol's "temporary failure" reply, sent for a request whose answer raised an
+        unexpected exception (the server logs it once); None closes the connection instead (the
+        dovecot auth protocol's temporary failure)."""
+        ...
+
+    def greeting(self) -> bytes | None:
+        """What the server says first, as soon as a client connects (None: nothing)."""
+        ...
 
     def framer(self) -> Framer:
         ...
