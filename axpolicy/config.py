@@ -143,10 +143,10 @@ class MapConfig:
     """
 
     name: str
-    type: Literal["address", "domain"] = "address"
+    type: Literal["address", "domain", "owner"] = "address"
     usermap: str = ""
     result: str = "%s"
-
+    send_as: str | None = None       # owner maps: attribute naming extra logins that may send as the entry
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PolicyConfig:
@@ -610,12 +610,25 @@ def _maps(value: Any, usermaps: Mapping[str, UserMapConfig], domains: frozenset[
     for name, raw in raw_maps.items():
         path = f"maps.{name}"
         raw = _named_section(name, raw, path)
-        _known(raw, {"type", "usermap", "result"}, path)
+        _known(raw, {"type", "usermap", "result", "send_as"}, path)
         kind = raw.get("type", "address")
-        if kind not in ("address", "domain"):
-            raise _fail(f"{path}.type", f"expected address or domain, got {kind!r}")
+        if kind not in ("address", "domain", "owner"):
+            raise _fail(f"{path}.type", f"expected address, domain or owner, got {kind!r}")
         fields: dict[str, Any] = {"name": name, "type": kind}
-        if kind == "domain":
+        if "send_as" in raw and kind != "owner":
+            raise _fail(f"{path}.send_as", "only for owner maps")
+        if kind == "owner":
+            fields["usermap"] = _usermap_name(raw.get("usermap"), usermaps, f"{path}.usermap")
+            if not isinstance(usermaps[fields["usermap"]], LdapMapConfig):
+                raise _fail(f"{path}.usermap", "an owner map needs an LDAP user map")
+            if "result" in raw:
+                raise _fail(f"{path}.result", "an owner map answers the owners' logins")
+            if raw.get("send_as") is not None:
+                attr = _str(raw["send_as"], f"{path}.send_as")
+                if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*|[0-9]+(\.[0-9]+)+", attr):
+                    raise _fail(f"{path}.send_as", f"not an attribute name: {attr!r}")
+                fields["send_as"] = attr
+        elif kind == "domain":
             if "usermap" in raw:
                 raise _fail(f"{path}.usermap", "a domain map answers from the top-level domains list")
             if domains is None:
@@ -764,6 +777,10 @@ def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
     maps = _maps(top.get("maps", {}), usermaps, domains)
     auth = _auth(top.get("auth"), usermaps)
     listen = _listen(top.get("listen", []), base_dir, maps)
+    for name, spec in maps.items():
+        if spec.type == "owner" and auth is None:
+            raise _fail(f"maps.{name}.type", "an owner map needs the auth section (its login_attribute names "
+                                             "the logins)")
     for index, listener in enumerate(listen):
         if listener.protocol == "dovecot_auth" and auth is None:
             raise _fail(f"listen[{index}].protocol", "dovecot_auth needs the auth section (which user map "

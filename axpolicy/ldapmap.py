@@ -189,6 +189,40 @@ class LdapUserMap:
         answer = await self.failover(key, lambda server: self._search_on(server, encode))
         return answer if isinstance(answer, LookupResult) else answer[1]
 
+    async def owners(self, key: str, login_attribute: str, send_as: str | None) -> LookupResult:
+        """Who may send as *key*: FOUND with the logins (``login_attribute``, and ``send_as`` values)
+        of every entry the key names, separated by ", "; NOTFOUND when no entry owns it; TEMP."""
+        if not key.isprintable() or not key.isascii():
+            return NOTFOUND     # as in lookup(): never asked
+        local, _, domain = key.rpartition("@")
+        search_filter = self._filter.encode({"s": key.encode("utf-8"), "u": local.encode("utf-8"),
+                                             "d": domain.encode("utf-8")})
+        wanted = (login_attribute, send_as) if send_as else (login_attribute,)
+        template = ldapwire.SearchTemplate(self._cfg.base, self._cfg.scope, wanted, limits.LDAP_SIZE_LIMIT,
+                                           max(1, math.ceil(self._cfg.timeout)))
+        messages = await self.search(key, lambda message_id: template.encode(message_id, search_filter))
+        if isinstance(messages, LookupResult):
+            return messages
+        done = messages[-1]
+        if done.result_code != ldapwire.RESULT_SUCCESS or any(m.kind == "reference" for m in messages):
+            logger.warning("usermap %s: owner search for %s ended with %s", self.name, _printable(key),
+                           ldapwire.result_name(done.result_code))
+            return temp("user map search failed")
+        names = {a.lower().encode("ascii") for a in wanted}
+        logins: dict[str, None] = {}
+        for entry in messages:
+            for name, values in entry.attributes.items() if entry.kind == "entry" else ():
+                if name.lower() not in names:
+                    continue
+                for raw in values:
+                    login = raw.decode("utf-8", "replace")
+                    if login.isprintable() and login and not any(c.isspace() or c == "," for c in login):
+                        logins[login] = None
+                    else:
+                        logger.warning("usermap %s: %s of %s is not a login; ignored", self.name,
+                                       name.decode("ascii", "replace"), _printable(entry.dn))
+        return found(", ".join(logins)) if logins else NOTFOUND
+
     async def bind_as(self, dn: bytes, password: str) -> bool | LookupResult:
         """Whether *password* binds as *dn* (True, False for invalidCredentials) or a TEMP result.
 

@@ -257,10 +257,12 @@ def encode_unbind(message_id: int) -> bytes:
 class SearchTemplate:
     """The parts of a SearchRequest that never change for one user map, encoded once."""
 
-    def __init__(self, base: str, scope: str, attribute: str, size_limit: int, time_limit: int) -> None:
+    def __init__(self, base: str, scope: str, attribute: str | tuple[str, ...], size_limit: int,
+                 time_limit: int) -> None:
         self._head = (_octets(base.encode("utf-8")) + _integer(0x0A, SCOPE[scope]) + _integer(0x0A, 0)
                       + _integer(0x02, size_limit) + _integer(0x02, time_limit) + _tlv(0x01, b"\x00"))
-        self._tail = _tlv(0x30, _octets(attribute.encode("ascii")))
+        attributes = (attribute,) if isinstance(attribute, str) else attribute
+        self._tail = _tlv(0x30, b"".join(_octets(a.encode("ascii")) for a in attributes))
 
     def encode(self, message_id: int, filter_ber: bytes) -> bytes:
         """A complete LDAPMessage carrying one SearchRequest."""

@@ -154,6 +154,8 @@ class Router:
         """
         if spec.type == "domain":
             return Answer(self._domain_answer(spec.result, key), math.inf)
+        if spec.type == "owner":
+            return self._owners(spec, key)
         now = self._known(key, spec, count)
         if now is not None:
             return now
@@ -234,6 +236,37 @@ class Router:
         # for no time at all.
         known = self._known(address, spec, count=False)
         return known if known is not None and known.result == answer.result else answer
+
+    async def _owners(self, spec: MapConfig, address: str) -> Answer:
+        """An owner map: the logins that may send as *address* (``smtpd_sender_login_maps``).
+
+        The routing search order without catch-alls (``user+ext@dom``,
+        ``user@dom``): an extension belongs to the address's owner, and a
+        catch-all entry owns no particular address.  Answers are cached as
+        lookups are; they hold for no time in the reply memo.
+        """
+        target = self.usermaps.get(spec.usermap)
+        if not isinstance(target, LdapUserMap) or self.config.auth is None:
+            return Answer(perm("owner map without an LDAP user map"), 0.0)   # prevented by config validation
+        try:
+            parsed = parse(address)
+        except AddressError:
+            return Answer(NOTFOUND, 0.0)
+        if self.config.domains is not None and parsed.domain not in self.config.domains:
+            return Answer(NOTFOUND, 0.0)
+        for key in search_keys(parsed, self.config.recipient_delimiter, catchall=False):
+            cache_key = f"{spec.name}\x00owner\x00{key}"
+            result = self.cache.get(cache_key)
+            if result is None:
+                result = await target.owners(key, self.config.auth.login_attribute, spec.send_as)
+                if result.status is Status.TEMP:
+                    logger.warning("temporary failure for the owners of %s in %s: %s", printable(address),
+                                   spec.name, result.reason)
+                    return Answer(result, 0.0)
+                self.cache.put(cache_key, result)
+            if result.status is not Status.NOTFOUND:
+                return Answer(result, 0.0)
+        return Answer(NOTFOUND, 0.0)
 
     async def _resolve(self, address: str, name: str) -> LookupResult:
         """Which host holds *address* in the user map *name*?  FOUND(host), NOTFOUND or TEMP."""

@@ -127,7 +127,7 @@ BAD = [
     (config_with(maps={"t": {"result": ""}}), "maps.t.result: must not be empty"),
     (config_with(maps={"t": {"result": "relay:[%h]"}}), "maps.t.result: unknown escape %h"),
     (config_with(maps={"t": {"result": "a\nb"}}), "maps.t.result: must not contain control characters"),
-    (config_with(maps={"t": {"type": "hash"}}), "maps.t.type: expected address or domain"),
+    (config_with(maps={"t": {"type": "hash"}}), "maps.t.type: expected address, domain or owner"),
     (config_with(maps={"d": {"type": "domain"}}), "maps.d.type: a domain map needs the top-level domains"),
     (config_with(maps={"t": {"usermap": "people", "color": 1}}), "maps.t.color: unknown key"),
     (config_with(policy={"mapped": ""}), "policy.mapped: must not be empty"),
@@ -343,3 +343,19 @@ def test_a_secret_file_that_is_not_a_file_is_refused(write_config: Callable[[dic
         ldap_with(bind_dn="cn=x", bind_password_file="/dev/zero")))), timeout=20)
     assert proc.returncode == 78
     assert "usermaps.people.bind_password_file: /dev/zero: not a regular file" in proc.stderr
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (ldap_with() | {"maps": {"senders": {"type": "owner"}}}, "maps.senders.type: an owner map needs the auth section"),
+    (ldap_with() | {"auth": {"usermap": "people"}, "maps": {"senders": {"type": "owner", "result": "x"}}},
+     "maps.senders.result: an owner map answers"),
+    (ldap_with() | {"maps": {"m": {"usermap": "people", "send_as": "x"}}}, "maps.m.send_as: only for owner maps"),
+    (ldap_with() | {"auth": {}}, "auth.usermap: required"),
+    (ldap_with() | {"auth": {"usermap": "people", "max_failures": 0}}, "auth.max_failures: must be between"),
+    (ldap_with() | {"listen": [{"protocol": "dovecot_auth", "address": "inet:127.0.0.1:10044"}]},
+     "listen[0].protocol: dovecot_auth needs the auth section"),
+])
+def test_auth_and_owner_maps_are_validated(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(config, "/etc/axpolicy/axpolicy.yml")
+    assert str(info.value).startswith(message), str(info.value)

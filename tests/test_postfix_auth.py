@@ -67,6 +67,7 @@ def frontend(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> 
         subprocess.run(["touch", "-d", "-10 seconds", str(master)], check=True)
         config = shipped_config(RECIPES / "axpolicy.yml", workdir, slapd_primary)
         config["auth"]["failure_delay"] = 0.1
+        config["maps"]["senders"]["send_as"] = "axpolicySendAs"        # the test directory's attribute
         for listener in config["listen"]:
             listener["address"] = re.sub(r"inet:127\.0\.0\.1:\d+", f"inet:127.0.0.1:{_free_port()}",
                                          listener["address"].replace("/var/spool/postfix", str(postfix.spool)))
@@ -165,3 +166,45 @@ def test_the_password_is_in_no_log(frontend: AuthFrontend) -> None:
         auth_plain(session, ALICE, "Never-Logged-xyzzy")
     assert "xyzzy" not in frontend.axpolicy.log + frontend.postfix.maillog
     assert ALICE_PW not in frontend.axpolicy.log + frontend.postfix.maillog
+
+
+def mail_from(session: smtplib.SMTP, sender: str) -> tuple[int, str]:
+    """MAIL FROM and one RCPT (sender restrictions are applied at RCPT); the RCPT reply."""
+    code, text = session.docmd("MAIL", f"FROM:<{sender}>")
+    assert code == 250, (code, text)
+    code, text = session.docmd("RCPT", "TO:<someone@elsewhere.example>")
+    session.rset()
+    return code, text.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("login", "password", "sender", "accepted"), [
+    (ALICE, ALICE_PW, ALICE, True),                                  # her own address
+    (ALICE, ALICE_PW, "alice.smith@example.com", True),              # her alias
+    (ALICE, ALICE_PW, "Alice+News@Example.com", True),               # an extension of it
+    (ALICE, ALICE_PW, "bob@example.com", False),                     # another user's
+    (ALICE, ALICE_PW, "outsider@elsewhere.example", False),          # nobody's: not hers either
+    ("bob@example.com", "bob-Pa55word", "alice@example.com", True),  # send-as (axpolicySendAs on Alice)
+    ("bob@example.com", "bob-Pa55word", "bob@example.com", True),
+])
+def test_senders_are_checked_against_their_owners(frontend: AuthFrontend, login: str, password: str,
+                                                  sender: str, accepted: bool) -> None:
+    with frontend.session() as session:
+        assert auth_plain(session, login, password)[0] == 235
+        code, text = mail_from(session, sender)
+    if accepted:
+        assert code == 250, (code, text)
+    else:
+        assert code == 553 and "Sender address rejected: not owned by user" in text, (code, text)
+
+
+def test_owners_the_directory_cannot_say_are_a_temporary_failure(frontend: AuthFrontend, slapd: Slapd) -> None:
+    with frontend.session() as session:
+        assert auth_plain(session, ALICE, ALICE_PW)[0] == 235          # verified: cached from here on
+    with frontend.session() as session:
+        slapd.stop()
+        try:
+            assert auth_plain(session, ALICE, ALICE_PW)[0] == 235      # the cached pair
+            code, text = mail_from(session, ALICE)
+        finally:
+            slapd.restore()
+    assert code == 451 and "4.3.0" in text, (code, text)
