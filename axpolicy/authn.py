@@ -144,6 +144,29 @@ class Authenticator:
         data = b"\x00".join(p.encode("utf-8", "surrogateescape") for p in parts)
         return hashlib.blake2b(data, key=self._key, digest_size=32).digest()
 
+    def verify_now(self, login: str, password: str, authzid: str = "", client: str = "") -> AuthResult | None:
+        """OK at once for a pair verified within ``cache_ttl`` (no LDAP, no delay), else None."""
+        if _refusal(login, password, authzid) is not None or self._throttled(client, password):
+            return None
+        cached = self._cache.get(login)
+        if cached is None:
+            return None
+        digest, expires, canonical = cached
+        if expires <= self._clock() or not hmac.compare_digest(digest, self._digest("pair", login, password)):
+            return None
+        self.outcomes["ok"] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("auth: %s logged in from %s (cached)", printable(canonical), printable(client))
+        return AuthResult(Outcome.OK, canonical)
+
+    def _throttled(self, client: str, password: str) -> str | None:
+        """Why attempts from *client* or with *password* fail at once now, or None."""
+        if client and self._by_client.count(client) >= self._cfg.max_failures:
+            return "too many failures from this client"
+        if self._by_password.count(self._digest("password", password)) >= self._cfg.max_failures:
+            return "this password failed for too many logins"
+        return None
+
     async def verify(self, login: str, password: str, authzid: str = "", client: str = "") -> AuthResult:
         """OK, FAIL or TEMP for one attempt (see the module docstring)."""
         started = self._clock()
@@ -158,19 +181,17 @@ class Authenticator:
         elif result.outcome is Outcome.TEMP:
             logger.warning("auth: temporary failure for %s from %s: %s", printable(login), printable(client),
                            result.why)
-        else:
-            logger.info("auth: %s logged in from %s", printable(result.login), printable(client))
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug("auth: %s logged in from %s", printable(result.login), printable(client))
         return result
 
     async def _verify(self, login: str, password: str, authzid: str, client: str) -> AuthResult:
         refusal = _refusal(login, password, authzid)
         if refusal is not None:
             return AuthResult(Outcome.FAIL, why=refusal)
-        if client and self._by_client.count(client) >= self._cfg.max_failures:
-            return AuthResult(Outcome.FAIL, why="too many failures from this client")
-        sprayed = self._digest("password", password)
-        if self._by_password.count(sprayed) >= self._cfg.max_failures:
-            return AuthResult(Outcome.FAIL, why="this password failed for too many logins")
+        throttled = self._throttled(client, password)
+        if throttled is not None:
+            return AuthResult(Outcome.FAIL, why=throttled)
         cached = self._cache.get(login)
         if cached is not None:
             digest, expires, canonical = cached

@@ -49,7 +49,7 @@ import os
 from collections.abc import Awaitable
 
 from axpolicy import limits
-from axpolicy.authn import Authenticator, Outcome
+from axpolicy.authn import Authenticator, AuthResult, Outcome
 from axpolicy.wire import FrameError, LineTooLong, split_lines
 
 logger = logging.getLogger(__name__)
@@ -182,27 +182,35 @@ class DovecotAuthService:
             return b"CONT\t%s\t%s\n" % (request_id, _PASSWORD)
         return self._verify(request_id, params, username.rstrip(b"\x00"), data, b"")
 
-    def _plain(self, request_id: bytes, params: dict[bytes, bytes], data: bytes) -> Awaitable[bytes | None]:
+    def _plain(self, request_id: bytes, params: dict[bytes, bytes], data: bytes
+               ) -> bytes | Awaitable[bytes | None]:
         parts = data.split(b"\x00")
         if len(parts) != 3:
             return self._fail_now(request_id, params)
         authzid, authcid, password = parts
         return self._verify(request_id, params, authcid, password, authzid)
 
-    async def _verify(self, request_id: bytes, params: dict[bytes, bytes], login: bytes, password: bytes,
-                      authzid: bytes) -> bytes | None:
+    def _verify(self, request_id: bytes, params: dict[bytes, bytes], login: bytes, password: bytes,
+                authzid: bytes) -> bytes | Awaitable[bytes | None]:
         client = params.get(b"rip", b"").decode("ascii", "replace")
         try:
             texts = [part.decode("utf-8") for part in (login, password, authzid)]
         except UnicodeDecodeError:
             texts = ["", "", ""]       # refused below, as any malformed input
-        result = await self._auth.verify(texts[0], texts[1], texts[2], client)
+        known = self._auth.verify_now(texts[0], texts[1], texts[2], client)
+        if known is not None:          # a cached pair: answered in the callback that read it
+            return b"OK\t%s\tuser=%s\n" % (request_id, known.login.encode("utf-8"))
+        return self._reply(request_id, self._auth.verify(texts[0], texts[1], texts[2], client))
+
+    @staticmethod
+    async def _reply(request_id: bytes, pending: Awaitable[AuthResult]) -> bytes | None:
+        result = await pending
         if result.outcome is Outcome.OK:
             return b"OK\t%s\tuser=%s\n" % (request_id, result.login.encode("utf-8"))
         if result.outcome is Outcome.FAIL:
             return b"FAIL\t%s\n" % request_id
         return None                    # TEMP: closing makes Postfix answer 454 4.7.0
 
-    def _fail_now(self, request_id: bytes, params: dict[bytes, bytes]) -> Awaitable[bytes | None]:
+    def _fail_now(self, request_id: bytes, params: dict[bytes, bytes]) -> bytes | Awaitable[bytes | None]:
         """A FAIL for malformed input, after the usual delay and counted like any failure."""
         return self._verify(request_id, params, b"", b"", b"")

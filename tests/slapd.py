@@ -50,7 +50,7 @@ rootdn "{rootdn}"
 rootpw {rootpw}
 directory {run}/db
 index objectClass eq
-index mail,mailAlternateAddress eq
+index mail,mailAlternateAddress,uid eq
 index mailHost pres,eq
 index entryUUID,entryCSN eq
 limits dn.exact="{binddn}" size=unlimited time=unlimited
