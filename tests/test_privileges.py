@@ -26,6 +26,7 @@ from tests.conftest import ldap_map
 from tests.daemon import Axpolicy
 from tests.postfix import open_path
 from tests.slapd import BIND_PW, Slapd, free_port
+from tests.test_dovecot_auth import AuthClient
 
 
 def wait_for(predicate: object, timeout: float = 30.0) -> None:
@@ -58,7 +59,9 @@ def test_nothing_is_imported_or_read_as_root_after_the_drop(slapd: Slapd, tmp_pa
         "usermaps": {"people": people,
                      "replicated": {**people, "replica": True},
                      "local": {"type": "file", "path": str(usermap)}},
-        "listen": [{"protocol": "socketmap", "address": f"inet:127.0.0.1:{free_port()}"}],
+        "listen": [{"protocol": "socketmap", "address": f"inet:127.0.0.1:{free_port()}"},
+                   {"protocol": "dovecot_auth", "address": f"inet:127.0.0.1:{free_port()}"}],
+        "auth": {"usermap": "people", "failure_delay": 0.1},
         "maps": {"people": {"usermap": "people"}, "replicated": {"usermap": "replicated"},
                  "local": {"usermap": "local"}},
         "cache": {"ttl": 0, "negative_ttl": 0, "stale_if_error": 0, "max_entries": 0},
@@ -87,6 +90,11 @@ def test_nothing_is_imported_or_read_as_root_after_the_drop(slapd: Slapd, tmp_pa
         wait_for(lambda: f"reloaded {server.config_path}" in server.log)
         assert "keeping the secret read from it before" in server.log
         assert client.query("people", "bob@example.com") == b"OK 127.0.0.3"
+        auth = AuthClient(server.address("dovecot_auth"))                # SMTP AUTH: search, bind, digest
+        assert auth.plain("alice@example.com", "alice-Pa55word") == "OK\t1\tuser=alice@example.com"
+        assert auth.plain("alice@example.com", "wrong") == "FAIL\t2"
+        assert auth.plain("alice@example.com", "alice-Pa55word") == "OK\t3\tuser=alice@example.com"
+        auth.close()
         with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
             assert b"axpolicy_requests_total" in response.read()
         client.close()
