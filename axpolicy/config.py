@@ -610,6 +610,8 @@ def _maps(value: Any, usermaps: Mapping[str, UserMapConfig], domains: frozenset[
     for name, raw in raw_maps.items():
         path = f"maps.{name}"
         raw = _named_section(name, raw, path)
+        if name == "AUTH":
+            raise _fail(path, "the name AUTH is reserved for SMTP AUTH requests on readsocket listeners")
         _known(raw, {"type", "usermap", "result", "send_as"}, path)
         kind = raw.get("type", "address")
         if kind not in ("address", "domain", "owner"):

@@ -19,6 +19,10 @@ PROTOCOL
     A listener's ``map`` setting, when given, is used for requests that
     consist of a key alone (no space).
 
+    ``AUTH <login> <password> <client> [<authzid>]`` (each base64) is an
+    SMTP AUTH request from exim/auth.conf: ``OK <login>``, ``FAIL`` or
+    ``TEMP <reason>`` (axpolicy/authn.py); ``AUTH`` is never a map name.
+
 LIMITS
     ``READSOCKET_MAX_REQUEST_BYTES``; more is answered ``PERM request too
     large``.  ``idle_timeout`` (default 10 s) bounds a client that never
@@ -27,9 +31,13 @@ LIMITS
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+from collections.abc import Awaitable
 
 from axpolicy import limits
+from axpolicy.authn import AuthResult, Outcome
 from axpolicy.log import printable
 from axpolicy.result import LookupResult, Status
 from axpolicy.table import TableService
@@ -97,6 +105,44 @@ class ReadsocketService(TableService):
 
     def framer(self) -> _Framer:
         return _Framer()
+
+    def answer(self, request: bytes, whole: bytes | None = None) -> bytes | Awaitable[bytes]:
+        """A map request (see TableService), or an SMTP AUTH request from Exim's authenticators."""
+        if request.startswith(b"AUTH "):
+            return self._authenticate(request[5:])
+        return super().answer(request, whole)
+
+    def _authenticate(self, fields: bytes) -> bytes | Awaitable[bytes]:
+        """``AUTH <login> <password> <client address> [<authzid>]``, each base64 (Exim's str2b64).
+
+        ``OK <login>`` (the canonical login), ``FAIL`` or ``TEMP <reason>``;
+        nothing of the request is ever logged.
+        """
+        auth = self._router.authenticator
+        if auth is None:
+            logger.warning("readsocket: AUTH request but no auth section is configured")
+            return b"PERM SMTP AUTH is not configured"
+        parts = fields.split(b" ")
+        texts = ["", "", "", ""]
+        if len(parts) in (3, 4):
+            try:
+                texts[:len(parts)] = [base64.b64decode(p, validate=True).decode("utf-8") for p in parts]
+            except (binascii.Error, ValueError):
+                texts = ["", "", "", ""]        # refused (FAIL after the delay), like any malformed input
+        login, password, client, authzid = texts
+        known = auth.verify_now(login, password, authzid, client)
+        if known is not None:
+            return b"OK " + known.login.encode("utf-8")
+        return self._authenticated(auth.verify(login, password, authzid, client))
+
+    @staticmethod
+    async def _authenticated(pending: Awaitable[AuthResult]) -> bytes:
+        result = await pending
+        if result.outcome is Outcome.OK:
+            return b"OK " + result.login.encode("utf-8")
+        if result.outcome is Outcome.FAIL:
+            return b"FAIL"
+        return b"TEMP user map unavailable"
 
     def decode(self, request: bytes) -> tuple[str, str] | bytes:
         name, space, key = request.partition(b" ")

@@ -102,7 +102,8 @@ begin retry
 class Exim:
     """One private Exim configuration, for -bt, -bh and a daemon."""
 
-    def __init__(self, workdir: Path, socket_spec: str, sink_port: int) -> None:
+    def __init__(self, workdir: Path, socket_spec: str, sink_port: int, tls: tuple[Path, Path] | None = None,
+                 authenticators: bool = False) -> None:
         exim = exim_binary()
         if exim is None:
             raise RuntimeError("no exim4 binary: run scripts/test, which unpacks it into .cache/exim")
@@ -119,9 +120,15 @@ class Exim:
             raise ValueError("exim/main.conf changed; update the test substitution")
         main = main.replace(production_socket, f"AXPOLICY_SOCKET = {socket_spec}")
         self.config = workdir / "exim.conf"
-        self.config.write_text(_CONFIG.format(
-            exim=exim, workdir=workdir, port=self.port, sink_port=sink_port, main=main,
-            acl=(FRAGMENTS / "acl.conf").read_text(), router=(FRAGMENTS / "router.conf").read_text()))
+        text = _CONFIG.format(exim=exim, workdir=workdir, port=self.port, sink_port=sink_port, main=main,
+                              acl=(FRAGMENTS / "acl.conf").read_text(), router=(FRAGMENTS / "router.conf").read_text())
+        if tls is not None:
+            certificate, key = tls
+            text = text.replace("tls_advertise_hosts =\n", f"tls_advertise_hosts = *\ntls_certificate = {certificate}\n"
+                                                              f"tls_privatekey = {key}\n")
+        if authenticators:
+            text += "\nbegin authenticators\n# --- exim/auth.conf ---\n" + (FRAGMENTS / "auth.conf").read_text()
+        self.config.write_text(text)
         self.daemon: subprocess.Popen[bytes] | None = None
 
     def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
