@@ -119,6 +119,11 @@ class Exim:
         if production_socket not in main:
             raise ValueError("exim/main.conf changed; update the test substitution")
         main = main.replace(production_socket, f"AXPOLICY_SOCKET = {socket_spec}")
+        # A second port stands for submission (AXPOLICY_AUTH_PORTS); the first for port 25.
+        self.submission_port = _free_port()
+        if "AXPOLICY_AUTH_PORTS = 587 : 465" not in main:
+            raise ValueError("exim/main.conf changed; update the test substitution")
+        main = main.replace("AXPOLICY_AUTH_PORTS = 587 : 465", f"AXPOLICY_AUTH_PORTS = {self.submission_port}")
         self.config = workdir / "exim.conf"
         text = _CONFIG.format(exim=exim, workdir=workdir, port=self.port, sink_port=sink_port, main=main,
                               acl=(FRAGMENTS / "acl.conf").read_text(), router=(FRAGMENTS / "router.conf").read_text())
@@ -161,7 +166,8 @@ class Exim:
         return replies[3:3 + len(rcpt_args)]
 
     def start(self) -> None:
-        self.daemon = subprocess.Popen([self.exim, "-C", str(self.config), "-bdf", "-q2s", "-oX", str(self.port)],
+        self.daemon = subprocess.Popen([self.exim, "-C", str(self.config), "-bdf", "-q2s", "-oX",
+                                        f"{self.port}:{self.submission_port}"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while True:

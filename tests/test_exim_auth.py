@@ -15,6 +15,7 @@ import contextlib
 import os
 import smtplib
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,10 +63,11 @@ def exim(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield server
 
 
-def session(exim: Exim) -> smtplib.SMTP:
+def session(exim: Exim, port: int | None = None) -> smtplib.SMTP:
+    """An SMTP session over STARTTLS on the submission port (or *port*)."""
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    smtp = smtplib.SMTP("127.0.0.1", exim.port, timeout=60)
+    smtp = smtplib.SMTP("127.0.0.1", port or exim.submission_port, timeout=60)
     smtp.ehlo("client.example")
     smtp.starttls(context=context)
     smtp.ehlo("client.example")
@@ -78,17 +80,23 @@ def plain(smtp: smtplib.SMTP, login: str, password: str, authzid: str = "") -> t
     return code, text.decode(errors="replace")
 
 
-def test_auth_is_offered_only_under_tls(exim: Exim) -> None:
-    with smtplib.SMTP("127.0.0.1", exim.port, timeout=60) as smtp:
+def test_auth_is_offered_only_under_tls_and_never_on_port_25(exim: Exim) -> None:
+    with smtplib.SMTP("127.0.0.1", exim.submission_port, timeout=60) as smtp:
         smtp.ehlo("client.example")
         assert not smtp.has_extn("auth")
     with session(exim) as smtp:
         assert {"PLAIN", "LOGIN"} <= set(smtp.esmtp_features["auth"].split())
+    with session(exim, port=exim.port) as smtp:              # the port standing for 25, even under TLS
+        assert not smtp.has_extn("auth")
 
 
 def test_plain_and_login_with_a_good_password_are_235(exim: Exim) -> None:
     with session(exim) as smtp:
         assert plain(smtp, ALICE, ALICE_PW)[0] == 235
+    with session(exim) as smtp:                              # PLAIN without an initial response
+        assert smtp.docmd("AUTH", "PLAIN")[0] == 334
+        code, text = smtp.docmd(base64.b64encode(f"\0{ALICE}\0{ALICE_PW}".encode()).decode())
+        assert code == 235, text
     with session(exim) as smtp:
         code, text = smtp.docmd("AUTH", "LOGIN")
         assert code == 334, text
@@ -145,3 +153,11 @@ def test_no_password_in_the_logs(exim: Exim) -> None:
     assert "plugh" not in exim.mainlog
     assert not Path(exim.workdir / "log" / "paniclog").exists() or "plugh" not in (
         exim.workdir / "log" / "paniclog").read_text()
+
+
+def test_swaks_authenticates_over_starttls(exim: Exim) -> None:
+    proc = subprocess.run(["swaks", "--server", f"127.0.0.1:{exim.submission_port}", "--tls", "--auth", "PLAIN",
+                           "--auth-user", ALICE, "--auth-password", ALICE_PW, "--quit-after", "AUTH"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "235 Authentication succeeded" in proc.stdout
