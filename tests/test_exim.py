@@ -71,6 +71,7 @@ def frontend(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> 
     ("Bob+News@Example.COM", "127.0.0.3"),
     ("ALICE@EXAMPLE.COM", "127.0.0.2"),
     ("asmith@example.net", "127.0.0.2"),
+    ("six@example.com", "::1"),                     # an IPv6 back-end: colons are no list separators
 ])
 def test_bt_routes_mapped_recipients_to_their_back_end(frontend: Frontend, address: str, host: str) -> None:
     proc = frontend.exim.route(address)
