@@ -148,16 +148,23 @@ class Authenticator:
         """OK at once for a pair verified within ``cache_ttl`` (no LDAP, no delay), else None."""
         if _refusal(login, password, authzid) is not None or self._throttled(client, password):
             return None
+        canonical = self._cached(login, password)
+        if canonical is None:
+            return None
+        self.outcomes["ok"] += 1
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("auth: %s logged in from %s (cached)", printable(canonical), printable(client))
+        return AuthResult(Outcome.OK, canonical)
+
+    def _cached(self, login: str, password: str) -> str | None:
+        """The canonical login if this pair was verified within ``cache_ttl``."""
         cached = self._cache.get(login)
         if cached is None:
             return None
         digest, expires, canonical = cached
         if expires <= self._clock() or not hmac.compare_digest(digest, self._digest("pair", login, password)):
             return None
-        self.outcomes["ok"] += 1
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("auth: %s logged in from %s (cached)", printable(canonical), printable(client))
-        return AuthResult(Outcome.OK, canonical)
+        return canonical
 
     def _throttled(self, client: str, password: str) -> str | None:
         """Why attempts from *client* or with *password* fail at once now, or None."""
@@ -192,11 +199,9 @@ class Authenticator:
         throttled = self._throttled(client, password)
         if throttled is not None:
             return AuthResult(Outcome.FAIL, why=throttled)
-        cached = self._cache.get(login)
+        cached = self._cached(login, password)
         if cached is not None:
-            digest, expires, canonical = cached
-            if expires > self._clock() and hmac.compare_digest(digest, self._digest("pair", login, password)):
-                return AuthResult(Outcome.OK, canonical)
+            return AuthResult(Outcome.OK, cached)
         entry = await self._find(login)
         if not isinstance(entry, tuple):
             return entry

@@ -38,6 +38,15 @@ class Frontend:
     sinks: Sinks
 
 
+def socket_in(workdir: Path) -> Path:
+    """Where axpolicy's readsocket listener goes: a directory Exim (Debian-exim) can reach."""
+    open_path(workdir)
+    socket_path = workdir / "run" / "exim.sock"
+    socket_path.parent.mkdir()
+    open_path(socket_path.parent)
+    return socket_path
+
+
 def axpolicy_config(workdir: Path, slapd: Slapd, socket_path: Path) -> dict[str, Any]:
     """exim/axpolicy.yml with the test's servers and socket path."""
     config = shipped_config(FRAGMENTS / "axpolicy.yml", workdir, slapd)
@@ -49,10 +58,7 @@ def axpolicy_config(workdir: Path, slapd: Slapd, socket_path: Path) -> dict[str,
 @pytest.fixture(scope="module")
 def frontend(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Frontend]:
     workdir = tmp_path_factory.mktemp("exim")
-    open_path(workdir)
-    socket_path = workdir / "run" / "exim.sock"
-    socket_path.parent.mkdir()
-    open_path(socket_path.parent)
+    socket_path = socket_in(workdir)
     with contextlib.ExitStack() as stack:
         sinks = Sinks(workdir / "sinks")
         stack.callback(sinks.stop)

@@ -23,9 +23,9 @@ import pytest
 
 from tests.daemon import Axpolicy
 from tests.exim import Exim, exim_binary
-from tests.postfix import Sinks, open_path
+from tests.postfix import Sinks
 from tests.slapd import Slapd, make_certificates
-from tests.test_exim import axpolicy_config
+from tests.test_exim import axpolicy_config, socket_in
 
 if exim_binary() is None:
     if os.environ.get("CI"):
@@ -38,15 +38,12 @@ ALICE, ALICE_PW = "alice@example.com", "alice-Pa55word"
 @pytest.fixture(scope="module")
 def exim(slapd_primary: Slapd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exim]:
     workdir = tmp_path_factory.mktemp("exim-auth")
-    open_path(workdir)
+    socket_path = socket_in(workdir)
     tls = workdir / "tls"
     tls.mkdir()
     make_certificates(tls)
     for name in ("server.pem", "server.key"):
         os.chmod(tls / name, 0o644)                      # read by Exim as Debian-exim
-    socket_path = workdir / "run" / "exim.sock"
-    socket_path.parent.mkdir()
-    open_path(socket_path.parent)
     with contextlib.ExitStack() as stack:
         sinks = Sinks(workdir / "sinks")
         stack.callback(sinks.stop)
