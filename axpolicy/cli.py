@@ -1,6 +1,6 @@
-"""Command line: ``axpolicy serve``, ``axpolicy lookup``, ``axpolicy check-config``.
+"""Command line: ``axpolicy serve``, ``axpolicy lookup``, ``axpolicy check-config``, ``axpolicy doctor``.
 
-EXIT STATUS (sysexits.h)
+EXIT STATUS (sysexits.h; doctor: see axpolicy/doctor/__init__.py)
     0   success (lookup: every address found)
     1   lookup: at least one address not found, none failed
     64  EX_USAGE: bad command line
@@ -60,6 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     with_config(check)
     check.add_argument("--digest", action="store_true",
                        help="print only the digest of the effective configuration (secrets included)")
+
+    doctor = commands.add_parser("doctor", help="find open-relay orderings, mis-wired maps and drifted front-ends")
+    doctor.add_argument("-c", "--config", metavar="CONFIG",
+                        help=f"axpolicy configuration to compare with (default {DEFAULT_PATH}, if it exists)")
+    doctor.add_argument("--postfix-config", metavar="DIR",
+                        help="Postfix configuration directory (default /etc/postfix, unless --exim-config is given)")
+    doctor.add_argument("--exim-config", metavar="FILE", help="Exim configuration file")
+    doctor.add_argument("--probe", metavar="HOST:PORT", help="try the open-relay vectors on this SMTP server")
+    doctor.add_argument("--probe-recipient", metavar="ADDRESS",
+                        help="an address the front-end must accept (probe) and the directory must resolve")
+    doctor.add_argument("--peers", nargs="+", default=[], metavar="URL",
+                        help="other front-ends' metrics URLs, whose configuration digest must match")
+    doctor.add_argument("--json", action="store_true", help="print the findings as a JSON list")
 
     serve = commands.add_parser("serve", help="run the listeners named in the configuration")
     with_config(serve)
@@ -136,6 +149,25 @@ def _cmd_lookup(args: argparse.Namespace) -> int:
     return asyncio.run(_lookup_all(config, args.usermap, addresses))
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from axpolicy import doctor
+
+    config = None
+    if args.config is not None:
+        config = _load(args.config)
+    elif os.path.exists(DEFAULT_PATH):
+        config = _load(DEFAULT_PATH)
+    if args.peers and config is None:
+        return _fail(EXIT_USAGE, f"--peers: no axpolicy configuration to compare with (-c; {DEFAULT_PATH} "
+                                 f"does not exist)")
+    postfix_config = args.postfix_config
+    if postfix_config is None and args.exim_config is None:
+        postfix_config = doctor.default_postfix_config()
+    options = doctor.Options(config, postfix_config, args.exim_config, args.probe, args.probe_recipient,
+                             tuple(args.peers))
+    return doctor.report(doctor.run(options), args.json)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from axpolicy import daemon
 
@@ -146,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``axpolicy`` command; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="axpolicy: %(levelname)s: %(message)s", stream=sys.stderr)
-    handlers = {"lookup": _cmd_lookup, "check-config": _cmd_check_config, "serve": _cmd_serve}
+    handlers = {"lookup": _cmd_lookup, "check-config": _cmd_check_config, "serve": _cmd_serve,
+                "doctor": _cmd_doctor}
     try:
         return handlers[args.command](args)
     except SystemExit as exc:

@@ -30,7 +30,7 @@ METRICS
     axpolicy_auth_total{outcome}  (SMTP AUTH: ok, fail, temp)
     axpolicy_internal_errors_total{listener,protocol}  (requests answered "temporary failure" for a bug)
     axpolicy_protocol_errors_total{listener,protocol}
-    axpolicy_config_info{digest}  (always 1)
+    axpolicy_config_info{digest,version}  (always 1)
 
 LIMITS
     Requests are read with a 4 KiB limit and a 5 s deadline.
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from axpolicy import __version__
 from axpolicy.ldapmap import LdapUserMap
 from axpolicy.result import Status
 from axpolicy.stats import LATENCY_BUCKETS, STATS
@@ -132,8 +133,9 @@ class _Collector:
             evicted.add_metric(labels, listener.evicted)
             refused.add_metric(labels, listener.refused)
         yield from (connections, protocol_errors, evicted, refused, internal)
-        info = GaugeMetricFamily("axpolicy_config_info", "Digest of the effective configuration", labels=["digest"])
-        info.add_metric([digest], 1)
+        info = GaugeMetricFamily("axpolicy_config_info", "Digest of the effective configuration, and the version",
+                                 labels=["digest", "version"])
+        info.add_metric([digest, __version__], 1)
         yield info
 
 

@@ -54,7 +54,7 @@ index mail,mailAlternateAddress,uid eq
 index mailHost pres,eq
 index entryUUID,entryCSN eq
 limits dn.exact="{binddn}" size=unlimited time=unlimited
-{syncprov}access to attrs=userPassword
+{syncprov}{access}access to attrs=userPassword
   by anonymous auth
   by * none
 access to *
@@ -113,7 +113,7 @@ class Slapd:
     """One private slapd; see the module docstring."""
 
     def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False,
-                 syncprov: bool = True) -> None:
+                 syncprov: bool = True, access: str = "") -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.tls_port = free_port() if tls else None
@@ -124,7 +124,7 @@ class Slapd:
         self.conf = workdir / "slapd.conf"
         conf = _CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
                             suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, binddn=BIND_DN,
-                            syncprov="overlay syncprov\n" if syncprov else "")
+                            syncprov="overlay syncprov\n" if syncprov else "", access=access)
         if tls:
             self.ca_file = make_certificates(workdir)
             conf = (f"TLSCACertificateFile {workdir}/ca.pem\nTLSCertificateFile {workdir}/server.pem\n"
