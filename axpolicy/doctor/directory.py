@@ -48,15 +48,27 @@ def _describe(conn: ldap3.Connection) -> str:
 
 
 def check(config: Config, recipient: str | None) -> list[Finding]:
-    """Every directory finding for the LDAP user maps of *config*."""
+    """Every directory finding for the LDAP user maps of *config*.
+
+    Each map's own sample is the first entry it holds (in ``domains``);
+    *recipient* (``--probe-recipient``) must be found by at least one map.
+    """
     findings: list[Finding] = []
     for name, cfg in config.usermaps.items():
         if isinstance(cfg, LdapMapConfig):
-            findings += _check_map(config, name, cfg, recipient)
+            findings += _check_map(config, name, cfg)
+    if recipient is not None and config.usermaps:
+        outcomes = [_resolve(config, name, recipient) for name in config.usermaps]
+        if not any(status is Status.FOUND for status, _ in outcomes):
+            temp = [detail for status, detail in outcomes if status is Status.TEMP]
+            how = f"gets a temporary failure ({temp[0]})" if temp else "is not found"
+            findings.append(error("directory.sample", f"{config.path}: usermaps",
+                                  f"--probe-recipient {recipient} {how} through axpolicy's user maps",
+                                  "check the address, and the maps' base, filter and servers"))
     return findings
 
 
-def _check_map(config: Config, name: str, cfg: LdapMapConfig, recipient: str | None) -> Iterator[Finding]:
+def _check_map(config: Config, name: str, cfg: LdapMapConfig) -> Iterator[Finding]:
     where = f"{config.path}: usermaps.{name}"
     working: ldap3.Connection | None = None
     for url in cfg.servers:
@@ -82,13 +94,13 @@ def _check_map(config: Config, name: str, cfg: LdapMapConfig, recipient: str | N
     if working is None:
         return
     try:
-        yield from _check_content(config, name, cfg, working, where, recipient)
+        yield from _check_content(config, name, cfg, working, where)
     finally:
         working.unbind()
 
 
-def _check_content(config: Config, name: str, cfg: LdapMapConfig, conn: ldap3.Connection, where: str,
-                   recipient: str | None) -> Iterator[Finding]:
+def _check_content(config: Config, name: str, cfg: LdapMapConfig, conn: ldap3.Connection,
+                   where: str) -> Iterator[Finding]:
     conn.search(cfg.base, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["1.1"])
     if conn.result.get("result") != 0:
         yield error("directory.base", f"{where}.base", f"base {cfg.base!r} cannot be read: {_describe(conn)}; "
@@ -122,31 +134,32 @@ def _check_content(config: Config, name: str, cfg: LdapMapConfig, conn: ldap3.Co
                     f"give the bind DN read access to {cfg.host_attribute} (slapd: olcAccess), or fix "
                     f"host_attribute")
         return
-    sample = recipient
-    if sample is None:
-        values = [str(v) for e in hosts if key in e.entry_attributes for v in e[key].values if "@" in str(v)]
-        if not values:
-            return
-        sample = values[0]
-    yield from _resolve(config, name, sample, where)
+    domains = config.domains
+    samples = [str(v) for e in hosts if key in e.entry_attributes for v in e[key].values
+               if "@" in str(v) and (domains is None or str(v).rpartition("@")[2].lower() in domains)]
+    if not samples:
+        return
+    status, detail = _resolve(config, name, samples[0])
+    if status is Status.NOTFOUND:
+        yield error("directory.sample", f"{where}.filter",
+                    f"the sample address {samples[0]} (the first entry found) is not found through axpolicy",
+                    "check filter, scope and base")
+    elif status is Status.TEMP:
+        yield error("directory.sample", where,
+                    f"the sample address {samples[0]} gets a temporary failure through axpolicy: {detail}",
+                    "check the servers, timeouts and the daemon's log")
 
 
-def _resolve(config: Config, name: str, sample: str, where: str) -> Iterator[Finding]:
+def _resolve(config: Config, name: str, address: str) -> tuple[Status, str]:
+    """*address* through axpolicy's own router and user map *name*: the MTA's code path."""
     from axpolicy.router import Router
 
     async def ask() -> tuple[Status, str]:
         router = Router.open(config)
         try:
-            result = await router.resolve(sample, name)
+            result = await router.resolve(address, name)
             return result.status, result.value or result.reason or ""
         finally:
             await router.close()
 
-    status, detail = asyncio.run(ask())
-    if status is Status.NOTFOUND:
-        yield error("directory.sample", f"{where}.filter",
-                    f"the sample address {sample} is not found through axpolicy", "check filter and base")
-    elif status is Status.TEMP:
-        yield error("directory.sample", where,
-                    f"the sample address {sample} gets a temporary failure through axpolicy: {detail}",
-                    "check the servers, timeouts and the daemon's log")
+    return asyncio.run(ask())
