@@ -22,6 +22,7 @@ setup(
         "ldap3>=2.9,<3",
         "python-daemon>=3.0",
         "PyYAML>=6.0",
+        "lmdb>=1.4",
     ],
     extras_require={
         "fast": ["uvloop>=0.17"],

@@ -39,6 +39,7 @@ from axpolicy.address import AddressError, normalize_domain
 from axpolicy.files import FileReadError, read_regular
 
 DEFAULT_PATH = "/etc/axpolicy/axpolicy.yml"
+DEFAULT_STATE_DIR = "/var/lib/axpolicy"
 MASK = "********"
 DEFAULT_FILTER = "(mail=%s)"
 
@@ -71,7 +72,13 @@ class LdapMapConfig:
     catchall: bool = False
     failback_interval: float = 30.0
     replica: bool = False
+    state_dir: str = ""                  # the top-level state_dir, for a replica (not a key of the map)
     type: Literal["ldap"] = "ldap"
+
+    @property
+    def store_path(self) -> str:
+        """The replica's store file."""
+        return os.path.join(self.state_dir, f"{self.name}.mdb")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -207,6 +214,7 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     auth: AuthConfig | None = None
+    state_dir: str = DEFAULT_STATE_DIR
 
     @property
     def default_usermap(self) -> str:
@@ -763,7 +771,7 @@ def _auth(value: Any, usermaps: Mapping[str, UserMapConfig]) -> AuthConfig | Non
     return AuthConfig(**fields)
 
 
-_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy",
+_TOP_KEYS = {"usermaps", "domains", "recipient_delimiter", "cache", "listen", "maps", "policy", "state_dir",
              "user", "group", "pidfile", "log", "metrics", "auth"}
 
 
@@ -774,7 +782,10 @@ def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
     if "usermaps" not in top:
         raise _fail("usermaps", "required")
     base_dir = os.path.dirname(os.path.abspath(path))
+    state_dir = _path(top.get("state_dir", DEFAULT_STATE_DIR), "state_dir", base_dir)
     usermaps = _usermaps(top["usermaps"], base_dir, secrets if secrets is not None else Secrets())
+    usermaps = {name: dataclasses.replace(cfg, state_dir=state_dir)
+                if isinstance(cfg, LdapMapConfig) and cfg.replica else cfg for name, cfg in usermaps.items()}
     domains = _domains(top.get("domains"))
     maps = _maps(top.get("maps", {}), usermaps, domains)
     auth = _auth(top.get("auth"), usermaps)
@@ -802,6 +813,7 @@ def parse(raw: Any, path: str, secrets: Secrets | None = None) -> Config:
         log=_log(top.get("log", {}), base_dir),
         metrics=_metrics(top.get("metrics", {})),
         auth=auth,
+        state_dir=state_dir,
     )
 
 
@@ -867,7 +879,8 @@ def effective(config: Config, mask_secrets: bool = True) -> dict[str, Any]:
     """The configuration as plain data with defaults filled in, secrets masked."""
     maps: dict[str, Any] = {}
     for name, usermap in config.usermaps.items():
-        data = {f.name: getattr(usermap, f.name) for f in dataclasses.fields(usermap) if f.name != "name"}
+        data = {f.name: getattr(usermap, f.name) for f in dataclasses.fields(usermap)
+                if f.name not in ("name", "state_dir")}
         if isinstance(usermap, LdapMapConfig):
             data["servers"] = list(usermap.servers)
             if usermap.bind_password is not None and mask_secrets:
@@ -888,6 +901,7 @@ def effective(config: Config, mask_secrets: bool = True) -> dict[str, Any]:
         "log": dataclasses.asdict(config.log),
         "metrics": {"listen": config.metrics.listen},
         "auth": dataclasses.asdict(config.auth) if config.auth is not None else None,
+        "state_dir": config.state_dir,
     }
 
 

@@ -62,7 +62,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from axpolicy import log
+from axpolicy import log, statedir
 from axpolicy.config import Config, ConfigError, ListenConfig, Secrets, digest, load, warnings
 from axpolicy.dovecot import DovecotAuthService
 from axpolicy.filemap import FileMapError
@@ -184,7 +184,9 @@ def preload(config: Config) -> asyncio.AbstractEventLoop:
     import concurrent.futures.thread  # noqa: F401 - run_in_executor's executor, imported lazily by asyncio
 
     import axpolicy.filemap  # noqa: F401 - a reload may add a map of either type
-    import axpolicy.ldapmap  # noqa: F401
+    import axpolicy.ldapmap  # noqa: F401 - and with it lmdb, for replicas
+    with contextlib.suppress(ImportError):
+        importlib.import_module("lmdb._envid")   # lmdb.open imports it on first use
     if importlib.util.find_spec("prometheus_client") is not None:
         import axpolicy.metrics  # noqa: F401
     loop = new_event_loop()
@@ -412,6 +414,9 @@ def check(config: Config, pidfile_path: str | None = None) -> Router:
             check_pidfile(path)
         except OSError as exc:
             raise StartupError(EXIT_CONFIG, f"pidfile: {exc.strerror or exc}") from None
+    state_problem = statedir.problem(config)
+    if state_problem is not None:
+        raise StartupError(EXIT_CONFIG, state_problem)
     try:
         return Router.open(config)
     except FileMapError as exc:
@@ -431,6 +436,10 @@ def _prepare(config_path: str, pidfile_path: str | None) -> _Prepared:
     if config.user == "root":
         logger.warning("user: root: axpolicy will answer as root")
     router = check(config, pidfile_path)
+    try:
+        statedir.prepare(config)
+    except OSError as exc:
+        raise StartupError(EXIT_CONFIG, f"state_dir: {config.state_dir}: {exc.strerror or exc}") from None
     pidfile = None
     path = pidfile_path or config.pidfile
     if path is not None:

@@ -126,11 +126,14 @@ class LdapUserMap:
             key_attributes, sync_filter = self._filter.replica_plan()
             attributes = (*key_attributes, cfg.host_attribute)
 
-            def sync_request(message_id: int) -> bytes:
-                return ldapwire.encode_sync_search(message_id, cfg.base, cfg.scope, sync_filter, attributes)
+            def sync_request(message_id: int, cookie: bytes | None) -> bytes:
+                return ldapwire.encode_sync_search(message_id, cfg.base, cfg.scope, sync_filter, attributes, cookie)
 
+            # State written for other settings is discarded (replicastore).
+            settings: dict[str, object] = {"servers": sorted(cfg.servers), "base": cfg.base, "scope": cfg.scope,
+                                           "filter": cfg.filter, "attributes": list(attributes)}
             self.replica = Replica(cfg.name, sync_request, key_attributes, cfg.host_attribute, self._replica_connect,
-                                   self._evaluate, cfg.timeout)
+                                   self._evaluate, cfg.timeout, cfg.store_path, settings)
 
     @property
     def cached(self) -> bool:

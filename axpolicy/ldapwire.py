@@ -278,20 +278,25 @@ def encode_search(message_id: int, base: str, scope: str, filter_ber: bytes, att
 SYNC_REQUEST_OID = b"1.3.6.1.4.1.4203.1.9.1.1"
 SYNC_STATE_OID = b"1.3.6.1.4.1.4203.1.9.1.2"
 SYNC_INFO_OID = b"1.3.6.1.4.1.4203.1.9.1.4"
+SYNC_DONE_OID = b"1.3.6.1.4.1.4203.1.9.1.3"
 REFRESH_AND_PERSIST = 3
+# RFC 4533 2.5.3: the provider cannot resume from the consumer's cookie.
+E_SYNC_REFRESH_REQUIRED = 4096
 
 
 def encode_sync_search(message_id: int, base: str, scope: str, filter_ber: bytes,
-                       attributes: tuple[str, ...]) -> bytes:
-    """A refreshAndPersist content synchronization search (RFC 4533), no cookie, no limits.
+                       attributes: tuple[str, ...], cookie: bytes | None = None) -> bytes:
+    """A refreshAndPersist content synchronization search (RFC 4533), no limits.
 
     Without a cookie the server sends every entry, then a Sync Info
-    message that ends the refresh, then each change as it happens.
+    message that ends the refresh, then each change as it happens.  With
+    one, the refresh holds only what changed since the cookie (and, in a
+    present phase, the UUIDs of the entries that did not).
     """
     request = (_octets(base.encode("utf-8")) + _integer(0x0A, SCOPE[scope]) + _integer(0x0A, 0)
                + _integer(0x02, 0) + _integer(0x02, 0) + _tlv(0x01, b"\x00") + filter_ber
                + _tlv(0x30, b"".join(_octets(a.encode("ascii")) for a in attributes)))
-    control_value = _tlv(0x30, _integer(0x0A, REFRESH_AND_PERSIST))
+    control_value = _tlv(0x30, _integer(0x0A, REFRESH_AND_PERSIST) + (_octets(cookie) if cookie else b""))
     control = _tlv(0x30, _octets(SYNC_REQUEST_OID) + _tlv(0x01, b"\xff") + _octets(control_value))
     return _tlv(0x30, _integer(0x02, message_id) + _tlv(0x63, request) + _tlv(0xA0, control))
 
@@ -415,8 +420,8 @@ def _name_and_value(message: Message, data: bytes, pos: int, end: int, name_tag:
     return message
 
 
-def decode_sync_state(value: bytes) -> tuple[int, bytes]:
-    """(state, entryUUID) from a Sync State control: present 0, add 1, modify 2, delete 3."""
+def decode_sync_state(value: bytes) -> tuple[int, bytes, bytes | None]:
+    """(state, entryUUID, cookie) from a Sync State control: present 0, add 1, modify 2, delete 3."""
     tag, pos, end = _read_tlv(value, 0, len(value))
     tag, s_start, s_end = _read_tlv(value, pos, end)
     if tag != 0x0A:
@@ -424,7 +429,28 @@ def decode_sync_state(value: bytes) -> tuple[int, bytes]:
     tag, u_start, u_end = _read_tlv(value, s_end, end)
     if tag != 0x04:
         raise LdapWireError("bad sync state uuid")
-    return int.from_bytes(value[s_start:s_end], "big"), value[u_start:u_end]
+    cookie = None
+    if u_end < end:
+        tag, c_start, c_end = _read_tlv(value, u_end, end)
+        if tag == 0x04:
+            cookie = value[c_start:c_end]
+    return int.from_bytes(value[s_start:s_end], "big"), value[u_start:u_end], cookie
+
+
+def decode_sync_done(value: bytes) -> tuple[bytes | None, bool]:
+    """(cookie, refreshDeletes) from a Sync Done control (the end of a refreshOnly search)."""
+    cookie, deletes = None, False
+    if not value:
+        return cookie, deletes
+    tag, pos, end = _read_tlv(value, 0, len(value))
+    while pos < end:
+        tag, v_start, v_end = _read_tlv(value, pos, end)
+        if tag == 0x04:
+            cookie = value[v_start:v_end]
+        elif tag == 0x01:
+            deletes = value[v_start:v_end] != b"\x00"
+        pos = v_end
+    return cookie, deletes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -435,19 +461,23 @@ class SyncInfo:
     refresh_done: bool = True
     refresh_deletes: bool = False
     uuids: tuple[bytes, ...] = ()
+    cookie: bytes | None = None
 
 
 def decode_sync_info(value: bytes) -> SyncInfo:
     tag, pos, end = _read_tlv(value, 0, len(value))
     kind = tag & 0x1F
     if tag == 0x80:
-        return SyncInfo(0)
+        return SyncInfo(0, cookie=value[pos:end])
     if tag not in (0xA1, 0xA2, 0xA3):
         raise LdapWireError("unknown sync info")
     refresh_done, refresh_deletes, uuids = True, False, []
+    cookie = None
     while pos < end:
         inner, v_start, v_end = _read_tlv(value, pos, end)
-        if inner == 0x01:
+        if inner == 0x04:
+            cookie = value[v_start:v_end]
+        elif inner == 0x01:
             flag = value[v_start:v_end] != b"\x00"
             if kind == 3:
                 refresh_deletes = flag
@@ -460,7 +490,7 @@ def decode_sync_info(value: bytes) -> SyncInfo:
                 uuids.append(value[u_start:u_end])
                 item = u_end
         pos = v_end
-    return SyncInfo(kind, refresh_done, refresh_deletes, tuple(uuids))
+    return SyncInfo(kind, refresh_done, refresh_deletes, tuple(uuids), cookie)
 
 
 def _entry(message_id: int, data: bytes, pos: int, end: int) -> Message:

@@ -144,6 +144,8 @@ class _Collector:
         ready = GaugeMetricFamily("axpolicy_replica_ready", "1 while the replica answers lookups", labels=["usermap"])
         entries = GaugeMetricFamily("axpolicy_replica_entries", "Entries in the replica", labels=["usermap"])
         refreshes = CounterMetricFamily("axpolicy_replica_refreshes", "Complete refreshes", labels=["usermap"])
+        resumes = CounterMetricFamily("axpolicy_replica_resumes", "Sessions resumed from the stored cookie",
+                                      labels=["usermap"])
         updates = CounterMetricFamily("axpolicy_replica_updates", "Changes applied", labels=["usermap"])
         losses = CounterMetricFamily("axpolicy_replica_losses", "Sync sessions lost", labels=["usermap"])
         for name, usermap in sorted(router.usermaps.items()):
@@ -153,9 +155,10 @@ class _Collector:
             ready.add_metric([name], 1 if replica.ready else 0)
             entries.add_metric([name], replica.entries)
             refreshes.add_metric([name], replica.refreshes)
+            resumes.add_metric([name], replica.resumes)
             updates.add_metric([name], replica.updates)
             losses.add_metric([name], replica.losses)
-        yield from (ready, entries, refreshes, updates, losses)
+        yield from (ready, entries, refreshes, resumes, updates, losses)
 
 
 class MetricsServer:

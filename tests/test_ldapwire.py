@@ -19,6 +19,7 @@ from axpolicy.ldapwire import (
     compile_filter,
     decode_message,
     decode_sync_info,
+    decode_sync_done,
     decode_sync_state,
     encode_abandon,
     encode_bind,
@@ -159,6 +160,11 @@ def test_sync_search_carries_a_critical_refresh_and_persist_control() -> None:
     control = tlv(0x30, tlv(0x04, b"1.3.6.1.4.1.4203.1.9.1.1") + tlv(0x01, b"\xff") + tlv(0x04, mode))
     assert request.endswith(tlv(0xA0, control))
     assert frame_length(request) == len(request)
+    resumed = encode_sync_search(1000, "ou=people,dc=example,dc=com", "sub", ldap3_ber("(mail=*)", {}),
+                                 ("mail", "mailHost"), cookie=b"rid=000,csn=x")
+    mode = tlv(0x30, tlv(0x0A, b"\x03") + tlv(0x04, b"rid=000,csn=x"))
+    control = tlv(0x30, tlv(0x04, b"1.3.6.1.4.1.4203.1.9.1.1") + tlv(0x01, b"\xff") + tlv(0x04, mode))
+    assert resumed.endswith(tlv(0xA0, control))
 
 
 def test_sync_state_and_sync_info_decode() -> None:
@@ -168,8 +174,15 @@ def test_sync_state_and_sync_info_decode() -> None:
     entry = tlv(0x30, tlv(0x02, b"\x07") + tlv(0x64, tlv(0x04, b"dn") + tlv(0x30, b"")) + tlv(0xA0, control))
     message = decode_message(entry)
     assert (message.kind, message.dn) == ("entry", b"dn")
-    assert decode_sync_state(message.controls[SYNC_STATE_OID]) == (3, uuid)
+    assert decode_sync_state(message.controls[SYNC_STATE_OID]) == (3, uuid, None)
+    with_cookie = tlv(0x30, tlv(0x0A, b"\x01") + tlv(0x04, uuid) + tlv(0x04, b"rid=000,csn=1"))
+    assert decode_sync_state(with_cookie) == (1, uuid, b"rid=000,csn=1")
     assert decode_sync_info(tlv(0xA2, tlv(0x01, b"\xff"))) == SyncInfo(2, refresh_done=True)
+    assert decode_sync_info(tlv(0xA1, tlv(0x04, b"c") + tlv(0x01, b"\x00"))) == SyncInfo(
+        1, refresh_done=False, cookie=b"c")
+    assert decode_sync_info(tlv(0x80, b"rid=000,csn=2")) == SyncInfo(0, cookie=b"rid=000,csn=2")
+    assert decode_sync_done(tlv(0x30, tlv(0x04, b"c") + tlv(0x01, b"\xff"))) == (b"c", True)
+    assert decode_sync_done(b"") == (None, False)
     assert decode_sync_info(tlv(0xA1, b"")) == SyncInfo(1, refresh_done=True)
     assert decode_sync_info(tlv(0xA3, tlv(0x01, b"\xff") + tlv(0x31, tlv(0x04, uuid)))) == SyncInfo(
         3, refresh_deletes=True, uuids=(uuid,))

@@ -68,6 +68,7 @@ def test_nothing_is_imported_or_read_as_root_after_the_drop(slapd: Slapd, tmp_pa
         "metrics": {"listen": metrics},
         "user": "nobody",
         "group": "nogroup",
+        "state_dir": str(tmp_path / "state"),     # created by serve, for nobody
     }
     server = Axpolicy(tmp_path, config)
     server.python_flags = ["-X", "importtime"]
