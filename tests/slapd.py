@@ -32,7 +32,7 @@ BIND_PW = "axpolicy-secret"
 PEOPLE = "ou=people,dc=example,dc=com"
 
 _CONF = """\
-include {schema}/core.schema
+{server_id}include {schema}/core.schema
 include {schema}/cosine.schema
 include {schema}/inetorgperson.schema
 include {schema}/misc.schema
@@ -54,7 +54,7 @@ index mail,mailAlternateAddress,uid eq
 index mailHost pres,eq
 index entryUUID,entryCSN eq
 limits dn.exact="{binddn}" size=unlimited time=unlimited
-{syncprov}{access}access to attrs=userPassword
+{syncrepl}{syncprov}{access}access to attrs=userPassword
   by anonymous auth
   by * none
 access to *
@@ -113,7 +113,13 @@ class Slapd:
     """One private slapd; see the module docstring."""
 
     def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False,
-                 syncprov: bool = True, access: str = "") -> None:
+                 syncprov: bool = True, access: str = "", sessionlog: int = 0, server_id: int = 0,
+                 providers: tuple[str, ...] = ()) -> None:
+        """*sessionlog*: syncprov-sessionlog (a resume gets deletions as a list, not a present phase).
+
+        *server_id* and *providers* (URLs): a provider of a multi-provider
+        pair, replicating from each of *providers* as the root DN.
+        """
         self.workdir = workdir
         self.port = port or free_port()
         self.tls_port = free_port() if tls else None
@@ -122,9 +128,18 @@ class Slapd:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "db").mkdir(exist_ok=True)
         self.conf = workdir / "slapd.conf"
+        syncprov_conf = ("overlay syncprov\n" + (f"syncprov-sessionlog {sessionlog}\n" if sessionlog else "")
+                         if syncprov else "")
+        syncrepl = "".join(
+            f'syncrepl rid={rid:03d} provider={url} bindmethod=simple binddn="{ROOT_DN}" credentials={ROOT_PW}\n'
+            f'  searchbase="{SUFFIX}" type=refreshAndPersist retry="1 +" timeout=3\n'
+            for rid, url in enumerate(providers, 1))
+        if providers:
+            syncrepl += "multiprovider on\n"
         conf = _CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
                             suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, binddn=BIND_DN,
-                            syncprov="overlay syncprov\n" if syncprov else "", access=access)
+                            syncprov=syncprov_conf, access=access, syncrepl=syncrepl,
+                            server_id=f"serverID {server_id}\n" if server_id else "")
         if tls:
             self.ca_file = make_certificates(workdir)
             conf = (f"TLSCACertificateFile {workdir}/ca.pem\nTLSCertificateFile {workdir}/server.pem\n"
@@ -132,8 +147,9 @@ class Slapd:
         self.conf.write_text(conf)
         ldif_path = workdir / "seed.ldif"
         ldif_path.write_text(ldif)
-        subprocess.run([SLAPADD, "-q", "-f", str(self.conf), "-l", str(ldif_path)], check=True,
-                       capture_output=True, env=self._env())
+        if ldif.strip():   # a second provider starts empty and replicates everything
+            subprocess.run([SLAPADD, "-q", "-f", str(self.conf), "-l", str(ldif_path)], check=True,
+                           capture_output=True, env=self._env())
 
     @property
     def url(self) -> str:
