@@ -30,7 +30,7 @@ import pwd
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -389,11 +389,18 @@ def _ldap_map(name: str, raw: dict[str, Any], path: str, base_dir: str, secrets:
     if isinstance(servers_raw, str):
         servers_raw = [servers_raw]
     if not isinstance(servers_raw, list) or not servers_raw:
-        raise _fail(f"{path}.servers", "expected a non-empty list of ldap:// or ldaps:// URLs")
+        raise _fail(f"{path}.servers", "expected a non-empty list of ldap://, ldaps:// or ldapi:// URLs")
     servers = []
     for index, item in enumerate(servers_raw):
         url = _str(item, f"{path}.servers[{index}]")
         parts = urlsplit(url)
+        if parts.scheme == "ldapi":
+            socket_path = unquote(parts.netloc)
+            if (socket_path and not socket_path.startswith("/")) or parts.path not in ("", "/") or parts.query:
+                raise _fail(f"{path}.servers[{index}]", "expected ldapi:// or ldapi://%2Fpath%2Fto%2Fsocket, "
+                                                        f"got {url!r}")
+            servers.append(url)
+            continue
         if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
             raise _fail(f"{path}.servers[{index}]", f"expected ldap://host[:port] or ldaps://..., got {url!r}")
         try:

@@ -5,7 +5,8 @@ DESCRIPTION
     replica alike, goes through :class:`LdapConnection`, an asyncio Protocol
     on one TCP connection:
 
-    * :func:`open_connection` connects (``ldap://`` or ``ldaps://``), runs
+    * :func:`open_connection` connects (``ldap://``, ``ldaps://``, or
+      ``ldapi://`` for a local slapd's unix socket), runs
       StartTLS when configured (``loop.start_tls`` on the same transport),
       and binds (simple, or anonymously), all within one deadline;
     * :meth:`LdapConnection.operation` sends one request and collects the
@@ -47,7 +48,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from axpolicy import ldapwire, limits
 from axpolicy.log import printable
@@ -71,11 +72,26 @@ class Endpoint:
     port: int
     ssl_context: ssl.SSLContext | None      # ldaps:// or StartTLS
     start_tls: bool
+    path: str = ""                          # ldapi://: the unix socket
+
+
+DEFAULT_LDAPI_PATH = "/var/run/slapd/ldapi"   # Debian's slapd
+
+
+def ldapi_path(url: str) -> str:
+    """The socket of an ``ldapi://`` URL (its host part, percent-encoded; empty: Debian's default)."""
+    return unquote(urlsplit(url).netloc) or DEFAULT_LDAPI_PATH
 
 
 def endpoint(url: str, start_tls: bool, ca_file: str | None) -> Endpoint:
-    """The :class:`Endpoint` for a configured ``ldap://`` or ``ldaps://`` URL."""
+    """The :class:`Endpoint` for a configured ``ldap://``, ``ldaps://`` or ``ldapi://`` URL.
+
+    ``start_tls`` applies to ``ldap://`` servers only: a unix socket is
+    local, and ``ldaps://`` is TLS already.
+    """
     parts = urlsplit(url)
+    if parts.scheme == "ldapi":
+        return Endpoint(url, "", 0, None, False, ldapi_path(url))
     ldaps = parts.scheme == "ldaps"
     context = None
     if ldaps or start_tls:
@@ -183,6 +199,15 @@ class LdapConnection(asyncio.Protocol):
             raise
         return collected
 
+    def pause_reading(self) -> None:
+        """Stop reading from the server (back-pressure: its answers wait in the socket buffers)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     def abandon(self, message_id: int) -> None:
         """Stop waiting for *message_id* and ask the server to drop it (late answers are ignored)."""
         if self._pending.pop(message_id, None) is not None and self.usable and self._transport is not None:
@@ -233,9 +258,12 @@ async def open_connection(point: Endpoint, bind_dn: str | None, password: str | 
     loop = asyncio.get_running_loop()
     ldaps = point.ssl_context is not None and not point.start_tls
     try:
-        transport, conn = await loop.create_connection(
-            lambda: LdapConnection(point), point.host, point.port,
-            ssl=point.ssl_context if ldaps else None, server_hostname=point.host if ldaps else None)
+        if point.path:
+            transport, conn = await loop.create_unix_connection(lambda: LdapConnection(point), point.path)
+        else:
+            transport, conn = await loop.create_connection(
+                lambda: LdapConnection(point), point.host, point.port,
+                ssl=point.ssl_context if ldaps else None, server_hostname=point.host if ldaps else None)
     except ssl.SSLError as exc:
         raise LdapConnectionError(f"TLS: {exc.reason or exc}") from None
     except OSError as exc:

@@ -148,6 +148,7 @@ class _Owned:
         await self.lock.acquire()
         try:
             try:
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)   # serve made it already
                 fd = os.open(self.path + ".owner", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 raise StoreError(f"{self.path}.owner: {exc.strerror or exc}") from None
@@ -321,9 +322,16 @@ class Replica:
         ended: asyncio.Future[tuple[int, str]] = loop.create_future()
         heard = [loop.time()]
 
+        paused = False
+
         def push(op: _Op) -> None:
+            nonlocal paused
             queue.append(op)
             wake.set()
+            if len(queue) >= 4 * limits.REPLICA_WRITE_BATCH and not paused:
+                # The writer is behind (a full refresh): let the server wait, not our memory.
+                conn.pause_reading()
+                paused = True
 
         def on_message(message: ldapwire.Message) -> bool:
             heard[0] = loop.time()
@@ -343,6 +351,7 @@ class Replica:
             return False
 
         async def drain() -> None:
+            nonlocal paused
             while True:
                 await wake.wait()
                 wake.clear()
@@ -351,6 +360,10 @@ class Replica:
                 if queue:
                     wake.set()
                 done = await self._apply(batch)
+                if paused and len(queue) < limits.REPLICA_WRITE_BATCH:
+                    paused = False
+                    heard[0] = loop.time()      # silent because we did not read: not the server's fault
+                    conn.resume_reading()
                 if done is not None:
                     self._completed(session, done, time.monotonic() - started)
                     if not session.resuming:
@@ -480,10 +493,13 @@ class Replica:
         store, writer = self._store, self._writer
         assert store is not None and writer is not None
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         rebuilt = await loop.run_in_executor(writer, store.rebuild)
         store.swap(rebuilt)
         self._answers.clear()
         self.version += 1
+        logger.info("usermap %s: replica store rewritten in key order, %d bytes (%.2fs)", self.name,
+                    store.size_bytes(), time.monotonic() - started)
 
     async def _probe(self, conn: LdapConnection) -> None:
         """A root DSE search that must be answered within the map's timeout (LdapConnectionError)."""

@@ -1,6 +1,7 @@
 """axpolicy benchmarks: every case side by side, in one run, with real clients.
 
-    sudo bench/run [--users N] [--keys N] [--repeat N] [--quick]
+    sudo bench/run [--users N] [--keys N] [--repeat N] [--quick] [CASE ...]
+    sudo bench/run --users 1000000 scale      # the replica at a million entries
 
 Sets up its own slapd (``--users`` users like the tests'), axpolicy, the
 servers it is compared with (Postfix's native ``ldap:`` table, postsrsd,
@@ -97,8 +98,10 @@ class Bench:
         wait_port(self.postsrsd_port)
 
     def _axpolicy(self, cache: dict[str, Any] | None = None, replica: bool = False,
-                  ldap: dict[str, Any] | None = None) -> Axpolicy:
+                  ldap: dict[str, Any] | None = None, state_dir: Path | None = None) -> Axpolicy:
+        workdir = self.workdir / f"axpolicy-{time.monotonic_ns()}"
         config = {
+            "state_dir": str(state_dir or workdir / "state"),
             "user": "root",
             "log": {"target": "stderr", "level": "info"},
             "usermaps": {"people": {"type": "ldap", "servers": [self.slapd.url], "bind_dn": BIND_DN,
@@ -113,7 +116,7 @@ class Bench:
             "maps": {"mailhost": {"usermap": "people", "result": "%s"},
                      "transport": {"usermap": "people", "result": "relay:[%s]"}},
         }
-        server = Axpolicy(self.workdir / f"axpolicy-{time.monotonic_ns()}", config)
+        server = Axpolicy(workdir, config)
         server.start()
         self.stack.callback(server.stop)
         if replica:
@@ -126,9 +129,10 @@ class Bench:
         server.start()
 
     def restart_replica(self) -> None:
-        """A fresh daemon whose replica has completed its refresh: nothing is cached."""
+        """A fresh daemon whose replica has completed a full refresh: nothing is cached, nothing kept."""
         done = self.replica.log.count("replica ready")
         self.replica.stop()
+        shutil.rmtree(self.replica.config["state_dir"], ignore_errors=True)
         self.replica.start()
         wait_replica(self.replica, done + 1)
 
@@ -416,6 +420,69 @@ class Bench:
             "rss_with_replica_mib": round(rss_kib(self.replica) / 1024, 1),
         }
 
+    def scale(self) -> None:
+        """The replica at --users entries: first refresh, memory, restart with resume, lookups vs native ldap:."""
+        print(f"case 6: scale ({self.args.users} users) ...", flush=True)
+        base = self._axpolicy()
+        rss_base = rss_status(base)
+        base.stop()
+        state = self.workdir / "scale-state"
+        server = self._axpolicy(replica=True, state_dir=state)
+        entries, refresh = re.findall(r"replica ready, (\d+) entries \(refresh took ([0-9.]+)s\)", server.log)[-1]
+        entries_n = int(entries)
+        deadline = time.monotonic() + 600
+        while "replica store rewritten" not in server.log:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no store rewrite:\n{server.log[-2000:]}")
+            time.sleep(0.05)
+        rss_refresh = rss_status(server)
+        rewrite = float(re.findall(r"replica store rewritten in key order, \d+ bytes \(([0-9.]+)s\)",
+                                   server.log)[-1])
+        table = f"socketmap:{server.address('socketmap')}:mailhost"
+        times_replica, times_native = [], []
+        for _ in range(self.args.repeat):
+            seconds, output = self.postmap(table, self.keys)
+            self.check("scale replica", self.keys, output, host_of)
+            times_replica.append(seconds)
+            seconds, output = self.postmap(self.native, self.keys)
+            self.check("scale native", self.keys, output, host_of)
+            times_native.append(seconds)
+        rss_lookups = rss_status(server)
+        store = state / "people.mdb"
+        disk = os.stat(store).st_blocks * 512
+        resumes = []
+        for _ in range(self.args.repeat):
+            done = server.log.count("replica resumed")
+            server.stop()
+            started = time.perf_counter()
+            server.start()
+            deadline = time.monotonic() + 300
+            while server.log.count("replica resumed") <= done:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no resume:\n{server.log[-2000:]}")
+                time.sleep(0.005)
+            resumes.append(time.perf_counter() - started)
+        rss_resumed = rss_status(server)
+
+        def per_entry(rss: dict[str, int]) -> dict[str, float]:
+            return {k: round((rss[k] - rss_base[k]) * 1024 / entries_n, 1) for k in rss}
+
+        replica_rate = len(self.keys) / statistics.median(times_replica)
+        native_rate = len(self.keys) / statistics.median(times_native)
+        self.results["scale"] = {
+            "entries": entries_n,
+            "first_refresh_seconds": float(refresh),
+            "store_rewrite_seconds": rewrite,
+            "bytes_per_entry_after_refresh_and_rewrite": per_entry(rss_refresh),
+            "bytes_per_entry_after_lookups": per_entry(rss_lookups),
+            "bytes_per_entry_after_resume": per_entry(rss_resumed),
+            "store_file_bytes_per_entry_on_disk": round(disk / entries_n, 1),
+            "restart_to_ready_with_resume_seconds": round(statistics.median(resumes), 2),
+            "lookups_per_second_replica": round(replica_rate),
+            "lookups_per_second_native_ldap": round(native_rate),
+            "replica_vs_native": round(replica_rate / native_rate, 2),
+        }
+
     def run(self) -> None:
         self.start()
         try:
@@ -455,6 +522,17 @@ def wait_replica(server: Axpolicy, times: int, timeout: float = 300) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"replica not ready:\n{server.log[-2000:]}")
         time.sleep(0.05)
+
+
+def rss_status(server: Axpolicy) -> dict[str, int]:
+    """VmRSS, RssAnon (private) and RssFile (mapped files: the replica's store) in KiB."""
+    assert server.proc is not None
+    found = {}
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            found[name] = int(value.split()[0])
+    return found
 
 
 def rss_kib(server: Axpolicy) -> int:
@@ -536,8 +614,9 @@ def main() -> int:
     for section in ("sequential", "concurrency", "policy", "end_to_end"):
         if section in results:
             print_table(section, results[section])
-    if "footprint" in results:
-        print("\nfootprint\n" + "\n".join(f"{k}: {v}" for k, v in results["footprint"].items()))
+    for section in ("footprint", "scale"):
+        if section in results:
+            print(f"\n{section}\n" + "\n".join(f"{k}: {v}" for k, v in results[section].items()))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 DATA = Path(__file__).parent / "data"
 SLAPD = os.environ.get("SLAPD", "/usr/sbin/slapd")
@@ -44,7 +45,7 @@ moduleload back_mdb
 moduleload syncprov
 sizelimit 500
 database mdb
-maxsize 1073741824
+maxsize 17179869184
 suffix "{suffix}"
 rootdn "{rootdn}"
 rootpw {rootpw}
@@ -114,11 +115,12 @@ class Slapd:
 
     def __init__(self, workdir: Path, ldif: str, port: int | None = None, tls: bool = False,
                  syncprov: bool = True, access: str = "", sessionlog: int = 0, server_id: int = 0,
-                 providers: tuple[str, ...] = ()) -> None:
+                 providers: tuple[str, ...] = (), ldapi: bool = False) -> None:
         """*sessionlog*: syncprov-sessionlog (a resume gets deletions as a list, not a present phase).
 
-        *server_id* and *providers* (URLs): a provider of a multi-provider
-        pair, replicating from each of *providers* as the root DN.
+        *providers* (URLs): replicate from each, as the root DN; with a
+        *server_id*, as one provider of a multi-provider group, otherwise
+        as a consumer.  *ldapi*: also listen on a unix socket (ldapi_url).
         """
         self.workdir = workdir
         self.port = port or free_port()
@@ -134,8 +136,9 @@ class Slapd:
             f'syncrepl rid={rid:03d} provider={url} bindmethod=simple binddn="{ROOT_DN}" credentials={ROOT_PW}\n'
             f'  searchbase="{SUFFIX}" type=refreshAndPersist retry="1 +" timeout=3\n'
             for rid, url in enumerate(providers, 1))
-        if providers:
+        if providers and server_id:
             syncrepl += "multiprovider on\n"
+        self.ldapi_path = workdir / "ldapi" if ldapi else None
         conf = _CONF.format(schema=SCHEMA_DIR, data=DATA, run=workdir, modules=MODULE_DIR,
                             suffix=SUFFIX, rootdn=ROOT_DN, rootpw=ROOT_PW, binddn=BIND_DN,
                             syncprov=syncprov_conf, access=access, syncrepl=syncrepl,
@@ -159,10 +162,17 @@ class Slapd:
     def ldaps_url(self) -> str:
         return f"ldaps://127.0.0.1:{self.tls_port}"
 
+    @property
+    def ldapi_url(self) -> str:
+        assert self.ldapi_path is not None
+        return "ldapi://" + quote(str(self.ldapi_path), safe="")
+
     def _listen(self) -> str:
         urls = f"{self.url}/"
         if self.tls_port is not None:
             urls += f" {self.ldaps_url}/"
+        if self.ldapi_path is not None:
+            urls += f" {self.ldapi_url}/"
         return urls
 
     @staticmethod

@@ -13,6 +13,8 @@ import asyncio
 import itertools
 import json
 import logging
+import pwd
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -21,12 +23,15 @@ from typing import Any
 
 import lmdb
 import pytest
+import yaml
 
+from axpolicy import config
 from axpolicy.ldapmap import LdapUserMap
 from axpolicy.result import NOTFOUND, Status, found
 from tests.clients import SocketmapClient
-from tests.conftest import ldap_map, own_slapd, run, seed_ldif
+from tests.conftest import axpolicy_cli, ldap_map, own_slapd, run, seed_ldif
 from tests.daemon import Axpolicy
+from tests.postfix import open_path
 from tests.proxy import StallingProxy
 from tests.slapd import PEOPLE, Slapd, free_port
 from tests.test_replica import eventually, make_map, ready, user_ldif
@@ -282,3 +287,71 @@ def test_kill_9_at_any_moment_never_leaves_a_store_that_answers_wrongly(big_dire
     finally:
         assert server.stop() == 0, server.log
     assert "Traceback" not in server.log
+
+
+# --- state_dir belongs to the daemon's user -------------------------------------------
+
+def state_config(directory: Slapd, state: Path, tmp_path: Path) -> Path:
+    config = {**daemon_config(directory, state), "user": "nobody", "group": "nogroup"}
+    path = tmp_path / "axpolicy.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_check_config_refuses_a_state_dir_the_daemon_user_cannot_write(directory: Slapd, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)                               # root's
+    proc = axpolicy_cli("check-config", "-c", str(state_config(directory, state, tmp_path)))
+    assert proc.returncode == 78
+    assert f"state_dir: {state} is not writable by nobody" in proc.stderr
+    shutil.chown(state, "nobody", "nogroup")
+    (state / "people.mdb").write_bytes(b"")               # a store file left by a root run
+    proc = axpolicy_cli("check-config", "-c", str(state_config(directory, state, tmp_path)))
+    assert proc.returncode == 78 and f"{state}/people.mdb is not writable by nobody" in proc.stderr
+    shutil.chown(state / "people.mdb", "nobody", "nogroup")
+    proc = axpolicy_cli("check-config", "-c", str(state_config(directory, state, tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_serve_creates_the_state_dir_for_the_daemon_user(directory: Slapd, tmp_path: Path) -> None:
+    open_path(tmp_path)
+    state = tmp_path / "new" / "state"
+    (tmp_path / "new").mkdir()
+    config = {**daemon_config(directory, state), "user": "nobody", "group": "nogroup"}
+    server = Axpolicy(tmp_path / "daemon", config)
+    open_path(tmp_path / "daemon")
+    server.start()
+    try:
+        wait_for_log(server, "replica ready")
+        info = state.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (pwd.getpwnam("nobody").pw_uid, 0o700)
+        assert (state / "people.mdb").stat().st_uid == info.st_uid
+    finally:
+        assert server.stop() == 0, server.log
+
+
+# --- a local consumer slapd over ldapi:// ------------------------------------------------
+
+def test_a_front_end_can_sync_from_a_local_consumer_over_ldapi(directory: Slapd, tmp_path: Path) -> None:
+    """The layout of docs/scaling.rst: providers -> a consumer slapd on each front-end -> axpolicy."""
+    consumer = Slapd(tmp_path / "consumer", "", providers=(directory.url,), ldapi=True, sessionlog=1000)
+    consumer.start()
+    try:
+        (uid,) = users(directory, "127.0.0.3", 1)
+        raw_map = {**ldap_map(consumer, replica=True), "servers": [consumer.ldapi_url]}
+        cfg = config.parse({"usermaps": {"people": raw_map}, "state_dir": str(tmp_path / "state")},
+                           str(tmp_path / "axpolicy.yml")).usermaps["people"]
+        assert isinstance(cfg, config.LdapMapConfig)
+
+        async def sync() -> None:
+            usermap = LdapUserMap(cfg)
+            assert (await usermap.lookup("alice@example.com")) == found("127.0.0.2")   # a search over ldapi
+            await started(usermap)
+            await eventually(lambda: usermap.lookup_now(address(uid)) == found("127.0.0.3"))
+            directory.modify(f"dn: uid={uid},{PEOPLE}\nchangetype: delete\n")      # on the provider
+            await eventually(lambda: usermap.lookup_now(address(uid)) == NOTFOUND)
+            await usermap.close()
+
+        run(sync())
+    finally:
+        consumer.destroy()
