@@ -208,3 +208,19 @@ def test_framers_only_ever_raise_frame_errors(make: Callable[[], Any], chunks: l
         framer.eof()
     except FrameError:
         pass
+
+
+def test_sync_cookies_keep_the_newest_csn_of_each_provider() -> None:
+    from axpolicy import synccookie
+
+    one = "20261203100000.000000Z#000000#001#000000"
+    two_old, two_new = "20261203090000.000000Z#000000#002#000000", "20261203110000.000000Z#000000#002#000000"
+    stored = synccookie.merge({}, f"rid=000,sid=001,csn={one};{two_old}".encode())
+    assert stored == {"001": one, "002": two_old}
+    # A change on provider 2 comes with a cookie holding only its own CSN.
+    stored = synccookie.merge(stored, f"rid=000,sid=002,csn={two_new}".encode())
+    assert stored == {"001": one, "002": two_new}
+    # An older CSN never replaces a newer one; garbage is ignored.
+    assert synccookie.merge(stored, f"rid=000,csn={two_old};garbage".encode()) == stored
+    assert synccookie.encode(stored) == f"rid=000,csn={one};{two_new}".encode()
+    assert synccookie.encode({}) is None
