@@ -34,6 +34,7 @@ from tests.daemon import Axpolicy
 from tests.postfix import open_path
 from tests.proxy import StallingProxy
 from tests.slapd import PEOPLE, Slapd, free_port
+from tests.test_multiprovider import holds
 from tests.test_replica import eventually, make_map, ready, user_ldif
 
 UIDS = itertools.count(1)
@@ -345,7 +346,9 @@ def test_a_front_end_can_sync_from_a_local_consumer_over_ldapi(directory: Slapd,
 
         async def sync() -> None:
             usermap = LdapUserMap(cfg)
-            assert (await usermap.lookup("alice@example.com")) == found("127.0.0.2")   # a search over ldapi
+            # A search over ldapi, once the consumer has its first copy.
+            await eventually(lambda: holds(consumer, uid))
+            assert (await usermap.lookup("alice@example.com")) == found("127.0.0.2")
             await started(usermap)
             await eventually(lambda: usermap.lookup_now(address(uid)) == found("127.0.0.3"))
             directory.modify(f"dn: uid={uid},{PEOPLE}\nchangetype: delete\n")      # on the provider
