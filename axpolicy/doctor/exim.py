@@ -59,6 +59,8 @@ class Readsocket:
     request: str
     timeout: str
     where: str
+    section: str = "main"
+    acl: str = ""          # the ACL it is in (acl section)
 
 
 def _logical_lines(path: str) -> Iterator[Line]:
@@ -89,8 +91,10 @@ class EximConfig:
         self.domainlists: dict[str, tuple[str, str]] = {}
         self.routers: list[Router] = []
         self.readsockets: list[Readsocket] = []
+        self.options: dict[str, str] = {}        # main section options (acl_smtp_rcpt, ...)
         self._section = "main"
         self._router: Router | None = None
+        self._acl = ""
         self._read(path, 0)
 
     def _read(self, path: str, depth: int) -> None:
@@ -138,12 +142,17 @@ class EximConfig:
         if begin:
             self._section, self._router = begin[1], None
             return
+        if self._section == "acl" and _ROUTER.match(text):
+            self._acl = text.rstrip(":").strip()
         for call in readsocket_calls(text):
-            self.readsockets.append(Readsocket(*call, where=line.where))
+            self.readsockets.append(Readsocket(*call, where=line.where, section=self._section, acl=self._acl))
         if self._section == "main":
             domainlist = _DOMAINLIST.match(text)
             if domainlist:
                 self.domainlists[domainlist[1]] = (domainlist[2].strip(), line.where)
+            name, equals, value = text.partition("=")
+            if equals and re.fullmatch(r"[a-z0-9_]+", name.strip()):
+                self.options[name.strip()] = value.strip()
         elif self._section == "routers":
             head = _ROUTER.match(text)
             if head:
@@ -219,7 +228,7 @@ def check(path: str, served: Served | None) -> list[Finding]:
         return [error("exim.unreadable", path, f"cannot read the Exim configuration: {exc}",
                       "point --exim-config at the file Exim runs (exim4 -bV names it)")]
     ours = [call for call in exim.readsockets if _is_ours(call.path, served)]
-    findings = [*_router_order(exim, served), *_relay_domains(exim, served)]
+    findings = [*_router_order(exim, served), *_relay_domains(exim, served), *_acl_placement(exim, ours)]
     if served is not None:
         findings += _sockets(ours, served)
     return findings
@@ -242,6 +251,18 @@ def _router_order(exim: EximConfig, served: Served | None) -> Iterator[Finding]:
                         f"({dnslookup.where}): hosted domains are routed by DNS, to this front-end itself, "
                         f"and never reach the user map",
                         f"move the axpolicy routers before {dnslookup.name} (Debian: router/175_axpolicy)")
+            return
+
+
+def _acl_placement(exim: EximConfig, ours: list[Readsocket]) -> Iterator[Finding]:
+    rcpt = exim.options.get("acl_smtp_rcpt", "")
+    for call in ours:
+        if call.section == "acl" and rcpt and call.acl != rcpt:
+            yield warning("exim.acl-placement", call.where,
+                          f"axpolicy's RCPT statements are in the ACL {call.acl or '(none)'}, not in "
+                          f"acl_smtp_rcpt ({rcpt}): they do not decide RCPT as intended",
+                          f"move them into {rcpt}, after the 'restricted characters' checks (Debian: paste "
+                          f"into conf.d/acl/30_exim4-config_check_rcpt)")
             return
 
 
