@@ -454,6 +454,12 @@ def test_the_probe_finds_no_relay_on_the_recipes(recipe: str, slapd: Slapd, tmp_
         rc, found = doctor("--exim-config", "/dev/null", "--probe", f"127.0.0.1:{running.postfix.port}",
                            "--probe-recipient", "alice@example.com")
         assert (rc, found) == (0, [])
+        if recipe.endswith("b"):
+            # A probe recipient the front-end refuses: the probe did not show a working front-end.
+            rc, found = doctor("--exim-config", "/dev/null", "--probe", f"127.0.0.1:{running.postfix.port}",
+                               "--probe-recipient", "nobody@example.com")
+            assert rc == 2 and {f["id"] for f in found} == {"probe.recipient-refused"}
+            assert "550" in found[0]["message"]
     finally:
         frontends.close()
 
