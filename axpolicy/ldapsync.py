@@ -466,7 +466,8 @@ class Replica:
                 done = await loop.run_in_executor(writer, _write, store, batch)
                 break
             except lmdb.MapFullError:
-                store.grow()      # the writer is idle and the reader dropped: safe here
+                size = store.grow()      # the writer is idle and the reader dropped: safe here
+                logger.info("usermap %s: replica store map grown to %d MiB", self.name, size // 2**20)
         store.committed()
         self._answers.clear()
         changes = sum(op.kind in ("put", "delete") for op in batch)

@@ -63,8 +63,9 @@ class StoreError(Exception):
     """The store cannot be opened or written (a full disk, a permission)."""
 
 
-def _environment(path: str, map_size: int = MAP_SIZE_MIN) -> lmdb.Environment:
+def _environment(path: str, at_least: int = 0) -> lmdb.Environment:
     """An LMDB file: writes go straight to the shared mapping (no private dirty copies)."""
+    map_size = max(MAP_SIZE_MIN, 2 * at_least)
     env = lmdb.open(path, map_size=map_size, subdir=False, max_dbs=len(DATABASES), metasync=False,
                     readahead=False, meminit=False, writemap=True)
     used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
@@ -171,7 +172,7 @@ class ReplicaStore:
         """Copy the data in key order into a new file; its path (in a worker thread: no write may run meanwhile)."""
         target = self.path + REBUILD_SUFFIX
         _remove(target)
-        out = _environment(target)
+        out = _environment(target, at_least=self.size_bytes())
         try:
             with self._env.begin() as source, out.begin(write=True) as txn:
                 for name, db in zip(DATABASES, (self._meta, self._keys, self._entries, self._hosts,
@@ -247,10 +248,12 @@ class ReplicaStore:
         self._drop_reader()
         self.version += 1
 
-    def grow(self) -> None:
-        """Double the map (on the readers' thread, while no write runs)."""
+    def grow(self) -> int:
+        """Double the map (on the readers' thread, while no write runs); the new size."""
         self._drop_reader()
-        self._env.set_mapsize(2 * self._env.info()["map_size"])
+        size = 2 * int(self._env.info()["map_size"])
+        self._env.set_mapsize(size)
+        return size
 
     def _drop_reader(self) -> None:
         if self._reader is not None:

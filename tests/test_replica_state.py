@@ -361,3 +361,23 @@ def test_a_front_end_can_sync_from_a_local_consumer_over_ldapi(directory: Slapd,
         run(sync())
     finally:
         consumer.destroy()
+
+
+def test_a_store_that_outgrows_its_map_is_grown_and_written_again(
+        big_directory: Slapd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from axpolicy import replicastore
+
+    monkeypatch.setattr(replicastore, "MAP_SIZE_MIN", 256 * 1024)    # 64 pages: full within the refresh
+
+    async def go() -> None:
+        usermap = await started(make_map(big_directory, state_dir=tmp_path))
+        for n in (1, 2, BIG // 2, BIG):
+            assert usermap.lookup_now(f"big{n}@example.net") == found("127.0.0.2" if n % 2 else "127.0.0.3")
+        assert usermap.replica is not None and usermap.replica.entries > BIG
+        await usermap.close()
+
+    with caplog.at_level(logging.INFO, "axpolicy.ldapsync"):
+        run(go())
+    assert "replica store map grown" in caplog.text
+    assert "replica store rewritten in key order" in caplog.text and "failed" not in caplog.text
