@@ -467,7 +467,7 @@ class Replica:
                 break
             except lmdb.MapFullError:
                 size = store.grow()      # the writer is idle and the reader dropped: safe here
-                logger.info("usermap %s: replica store map grown to %d MiB", self.name, size // 2**20)
+                logger.info("usermap %s: replica store map grown to %d KiB", self.name, size // 1024)
         store.committed()
         self._answers.clear()
         changes = sum(op.kind in ("put", "delete") for op in batch)

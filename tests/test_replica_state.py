@@ -375,6 +375,7 @@ def test_a_store_that_outgrows_its_map_is_grown_and_written_again(
         for n in (11, 12, BIG // 2, BIG):     # never moved by the kill -9 tests
             assert usermap.lookup_now(f"big{n}@example.net") == found("127.0.0.2" if n % 2 else "127.0.0.3")
         assert usermap.replica is not None and usermap.replica.entries > BIG
+        await eventually(lambda: "replica store rewritten" in caplog.text)
         await usermap.close()
 
     with caplog.at_level(logging.INFO, "axpolicy.ldapsync"):
