@@ -17,7 +17,7 @@ from __future__ import annotations
 import smtplib
 from collections.abc import Iterator
 
-from axpolicy.doctor.findings import Finding, error, unreachable
+from axpolicy.doctor.findings import Finding, error, unreachable, warning
 
 FOREIGN = "axpolicy-doctor.invalid"
 TIMEOUT_SECONDS = 30.0
@@ -89,9 +89,10 @@ def _probe(host: str, port: int, target: str, hosted: str | None, recipient: str
             try:
                 code, text = smtp.docmd(f"MAIL FROM:{sender}")
                 if code != 250:
-                    yield error("probe.mail-refused", target,
-                                f"MAIL FROM:{sender} got {code} {_text(text)}: the vectors were not tried with it",
-                                "check why the front-end refuses this sender; the probe needs it")
+                    yield warning("probe.mail-refused", target,
+                                  f"MAIL FROM:{sender} got {code} {_text(text)}: the vectors were not tried with it",
+                                  "fine if the front-end refuses forged senders of its own domains on port 25; "
+                                  "otherwise check why it refuses this sender")
                     pending = []
                 while pending:
                     name, argument = pending[0]
