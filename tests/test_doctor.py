@@ -522,3 +522,19 @@ def test_every_finding_identifier_is_documented() -> None:
     assert len(identifiers) >= 30
     readme = (root / "README.rst").read_text()
     assert {i for i in identifiers if f"``{i}``" not in readme} == set()
+
+
+def test_a_refused_probe_sender_is_a_warning(slapd: Slapd, tmp_path: Path) -> None:
+    from tests.test_postfix import running_frontend
+
+    # Senders of the hosted domains that the user map does not know are refused at MAIL FROM.
+    frontends = running_frontend("main.cf.recipe-b", tmp_path, slapd, {"recipient_delimiter = +": (
+        "recipient_delimiter = +\nsmtpd_delay_reject = no\nsmtpd_sender_restrictions = reject_unlisted_sender")})
+    running = next(frontends)
+    try:
+        rc, found = doctor("--exim-config", "/dev/null", "--probe", f"127.0.0.1:{running.postfix.port}",
+                           "--probe-recipient", "alice@example.com")
+        assert rc == 1 and [(f["id"], f["severity"]) for f in found] == [("probe.mail-refused", "warning")]
+        assert "MAIL FROM:<postmaster@example.com>" in found[0]["message"]
+    finally:
+        frontends.close()
