@@ -483,6 +483,16 @@ def test_the_probe_finds_the_open_relay(slapd: Slapd, tmp_path: Path) -> None:
         frontends.close()
 
 
+def test_a_probe_target_that_is_not_host_and_port() -> None:
+    rc, found = doctor("--exim-config", "/dev/null", "--probe", "mx1.example.com")
+    assert rc == 2 and [f["id"] for f in found] == ["probe.target"]
+
+
+def test_an_unreadable_exim_file(tmp_path: Path) -> None:
+    rc, found = doctor("--exim-config", str(tmp_path / "missing.conf"))
+    assert rc == 2 and [f["id"] for f in found] == ["exim.unreadable"]
+
+
 def test_a_probe_that_cannot_connect_is_a_retry(tmp_path: Path) -> None:
     rc, found = doctor("--exim-config", "/dev/null", "--probe", f"127.0.0.1:{free_port()}")
     assert rc == 75 and [f["id"] for f in found] == ["probe.unreachable"]
@@ -510,18 +520,24 @@ def test_peers_with_another_configuration_are_named(tmp_path: Path) -> None:
         rc, found = doctor("--exim-config", "/dev/null", "-c", own, "--peers", *urls)
         assert rc == 2 and [(f["id"], f["where"]) for f in found] == [("cluster.drift", urls[1])]
         assert urls[1] in found[0]["message"] and "digest" in found[0]["message"]
+        # Not a metrics page, and not a URL at all.
+        health = urls[0].replace("/metrics", "/health")
+        rc, found = doctor("--exim-config", "/dev/null", "-c", own, "--peers", health, "mx2.example.com:9100")
+        assert rc == 2 and [f["id"] for f in found] == ["cluster.peer-unknown", "cluster.peer-url"]
         daemons[1].stop()
         rc, found = doctor("--exim-config", "/dev/null", "-c", own, "--peers", *urls)
         assert rc == 75 and [f["id"] for f in found] == ["cluster.peer-unreachable"]
 
 
-def test_every_finding_identifier_is_documented() -> None:
+def test_every_finding_identifier_is_documented_and_tested() -> None:
     root = Path(__file__).resolve().parent.parent
     source = "".join(path.read_text() for path in (root / "axpolicy" / "doctor").glob("*.py"))
     identifiers = set(re.findall(r'(?:error|warning|unreachable)\(\s*"([a-z]+\.[a-z0-9-]+)"', source))
     assert len(identifiers) >= 30
     readme = (root / "README.rst").read_text()
     assert {i for i in identifiers if f"``{i}``" not in readme} == set()
+    # ... and each one is produced by a test of this file.
+    assert {i for i in identifiers if f'"{i}"' not in Path(__file__).read_text()} == set()
 
 
 def test_a_refused_probe_sender_is_a_warning(slapd: Slapd, tmp_path: Path) -> None:
