@@ -137,7 +137,7 @@ class LdapUserMap:
 
     @property
     def cached(self) -> bool:
-        """Answers are worth caching unless a healthy replica answers from memory."""
+        """Answers are worth caching unless a healthy replica answers from its store."""
         return self.replica is None or not self.replica.ready
 
     def start(self) -> None:

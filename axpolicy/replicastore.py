@@ -66,7 +66,7 @@ class StoreError(Exception):
 def _environment(path: str, at_least: int = 0) -> lmdb.Environment:
     """An LMDB file: writes go straight to the shared mapping (no private dirty copies)."""
     map_size = max(MAP_SIZE_MIN, 2 * at_least)
-    env = lmdb.open(path, map_size=map_size, subdir=False, max_dbs=len(DATABASES), metasync=False,
+    env = lmdb.open(path, map_size=map_size, subdir=False, max_dbs=len(DATABASES), metasync=False, mode=0o600,
                     readahead=False, meminit=False, writemap=True)
     used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     if 2 * used > map_size:

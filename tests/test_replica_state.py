@@ -329,7 +329,8 @@ def test_serve_creates_the_state_dir_for_the_daemon_user(directory: Slapd, tmp_p
         wait_for_log(server, "replica ready")
         info = state.stat()
         assert (info.st_uid, info.st_mode & 0o777) == (pwd.getpwnam("nobody").pw_uid, 0o700)
-        assert (state / "people.mdb").stat().st_uid == info.st_uid
+        store = (state / "people.mdb").stat()
+        assert (store.st_uid, store.st_mode & 0o777) == (info.st_uid, 0o600)
     finally:
         assert server.stop() == 0, server.log
 
