@@ -323,12 +323,14 @@ class Replica:
         heard = [loop.time()]
 
         paused = False
+        weight = [0]       # changes and UUIDs waiting: a syncIdSet carries hundreds
 
         def push(op: _Op) -> None:
             nonlocal paused
             queue.append(op)
+            weight[0] += max(1, len(op.uuids))
             wake.set()
-            if len(queue) >= 4 * limits.REPLICA_WRITE_BATCH and not paused:
+            if weight[0] >= 4 * limits.REPLICA_WRITE_BATCH and not paused:
                 # The writer is behind (a full refresh): let the server wait, not our memory.
                 conn.pause_reading()
                 paused = True
@@ -355,12 +357,17 @@ class Replica:
             while True:
                 await wake.wait()
                 wake.clear()
-                batch = queue[:limits.REPLICA_WRITE_BATCH]
-                del queue[:limits.REPLICA_WRITE_BATCH]
+                size = taken = 0
+                while taken < len(queue) and size < limits.REPLICA_WRITE_BATCH:
+                    size += max(1, len(queue[taken].uuids))
+                    taken += 1
+                batch = queue[:taken]
+                del queue[:taken]
+                weight[0] -= size
                 if queue:
                     wake.set()
                 done = await self._apply(batch)
-                if paused and len(queue) < limits.REPLICA_WRITE_BATCH:
+                if paused and weight[0] < limits.REPLICA_WRITE_BATCH:
                     paused = False
                     heard[0] = loop.time()      # silent because we did not read: not the server's fault
                     conn.resume_reading()

@@ -112,6 +112,8 @@ REPLICA_PROBE_SECONDS = 5.0
 # server keeps failing.
 REPLICA_RETRY_MIN_SECONDS = 1.0
 REPLICA_RETRY_MAX_SECONDS = 30.0
-# Changes written to the replica's store in one transaction: bounds the
-# pages one commit dirties (memory, and the time the writer holds the GIL).
+# Changes (or UUIDs of a present phase) written to the replica's store in
+# one transaction: bounds the pages one commit dirties and the time the
+# writer holds the GIL.  Four times as many may wait before the replica
+# stops reading from the server (back-pressure).
 REPLICA_WRITE_BATCH = 2000
