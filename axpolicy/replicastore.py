@@ -49,8 +49,8 @@ from axpolicy import synccookie
 
 FORMAT = b"axpolicy-replica-1"
 KEY_HASH_BYTES = 12
-# The map is address space, not file size: start at 1 GiB, or twice what
-# the file holds, and double when a write finds it full.
+# With writemap, LMDB sizes the (sparse) file to the map: start at 1 GiB,
+# or twice what the file holds, and double when a write finds it full.
 MAP_SIZE_MIN = 1024**3
 HOST_CACHE_ENTRIES = 10000
 NO_HOST = 0
@@ -64,15 +64,17 @@ class StoreError(Exception):
 
 
 def _environment(path: str, at_least: int = 0) -> lmdb.Environment:
-    """An LMDB file, read through its memory map; writes go through write(2), one fsync per commit.
+    """An LMDB file: writes go straight to the shared mapping (no private dirty copies).
 
-    (writemap would spare the copies of dirty pages, but a full refresh
-    then faults in and allocates every new page of a sparse file: 50 %
-    slower here, and the file shows as large as the map.)
+    Measured at a million entries (bench/run --users 1000000 scale): with
+    writemap the daemon keeps 6 bytes per entry of private memory and its
+    first refresh took 56-63 s; without, 24 bytes and 68 s (LMDB keeps the
+    dirty-page buffers of its largest transaction).  The price is a sparse
+    file as large as the map.
     """
     map_size = max(MAP_SIZE_MIN, 2 * at_least)
     env = lmdb.open(path, map_size=map_size, subdir=False, max_dbs=len(DATABASES), metasync=False, mode=0o600,
-                    readahead=False, meminit=False, writemap=False)
+                    readahead=False, meminit=False, writemap=True)
     used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     if 2 * used > map_size:
         env.set_mapsize(max(map_size, 4 * used))
