@@ -206,13 +206,16 @@ class Replica:
             return None
         if not key.isascii():
             return NOTFOUND   # as a search: never asked (LdapUserMap.lookup)
-        # The router's keys are already folded; others (the CLI, tests) may not be.
-        held = self._store.holders(fold(key))
+        store = self._store
+        held = store.holders(key)
         if held is None:
-            return NOTFOUND
+            # The router's keys are already folded; others (the CLI, tests) may not be.
+            folded = fold(key)
+            held = store.holders(folded) if folded != key else None
+            if held is None:
+                return NOTFOUND
         answer = self._answers.get(held)
         if answer is None:
-            store = self._store
             records = [Record(b"", (), store.host(host_id)) for host_id in host_ids(held)]
             answer = self._evaluate(records, key, False)
             if len(self._answers) < ANSWER_CACHE_ENTRIES:

@@ -278,7 +278,6 @@ def encode_search(message_id: int, base: str, scope: str, filter_ber: bytes, att
 SYNC_REQUEST_OID = b"1.3.6.1.4.1.4203.1.9.1.1"
 SYNC_STATE_OID = b"1.3.6.1.4.1.4203.1.9.1.2"
 SYNC_INFO_OID = b"1.3.6.1.4.1.4203.1.9.1.4"
-SYNC_DONE_OID = b"1.3.6.1.4.1.4203.1.9.1.3"
 REFRESH_AND_PERSIST = 3
 # RFC 4533 2.5.3: the provider cannot resume from the consumer's cookie.
 E_SYNC_REFRESH_REQUIRED = 4096
@@ -435,22 +434,6 @@ def decode_sync_state(value: bytes) -> tuple[int, bytes, bytes | None]:
         if tag == 0x04:
             cookie = value[c_start:c_end]
     return int.from_bytes(value[s_start:s_end], "big"), value[u_start:u_end], cookie
-
-
-def decode_sync_done(value: bytes) -> tuple[bytes | None, bool]:
-    """(cookie, refreshDeletes) from a Sync Done control (the end of a refreshOnly search)."""
-    cookie, deletes = None, False
-    if not value:
-        return cookie, deletes
-    tag, pos, end = _read_tlv(value, 0, len(value))
-    while pos < end:
-        tag, v_start, v_end = _read_tlv(value, pos, end)
-        if tag == 0x04:
-            cookie = value[v_start:v_end]
-        elif tag == 0x01:
-            deletes = value[v_start:v_end] != b"\x00"
-        pos = v_end
-    return cookie, deletes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -451,32 +451,12 @@ class Bench:
         rss_lookups = rss_status(server)
         store = state / "people.mdb"
         disk = os.stat(store).st_blocks * 512
-        resumes = []
-        for _ in range(self.args.repeat):
-            done = server.log.count("replica resumed")
-            server.stop()
-            started = time.perf_counter()
-            server.start()
-            deadline = time.monotonic() + 300
-            while server.log.count("replica resumed") <= done:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no resume:\n{server.log[-2000:]}")
-                time.sleep(0.005)
-            resumes.append(time.perf_counter() - started)
+        resumes = [restart_until_resumed(server) for _ in range(self.args.repeat)]
         rss_resumed = rss_status(server)
         # A change while it is down: with syncprov-sessionlog the resume gets it and nothing
         # else; without (--sessionlog 0) it is a present phase, the UUIDs of every entry still there.
-        done = server.log.count("replica resumed")
-        server.stop()
-        self.slapd.modify(f"dn: uid=user1,{PEOPLE}\nchangetype: modify\nreplace: mailHost\nmailHost: 127.0.0.2\n")
-        started = time.perf_counter()
-        server.start()
-        deadline = time.monotonic() + 600
-        while server.log.count("replica resumed") <= done:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no resume:\n{server.log[-2000:]}")
-            time.sleep(0.005)
-        present_phase = time.perf_counter() - started
+        change = f"dn: uid=user1,{PEOPLE}\nchangetype: modify\nreplace: mailHost\nmailHost: 127.0.0.2\n"
+        present_phase = restart_until_resumed(server, lambda: self.slapd.modify(change))
 
         def per_entry(rss: dict[str, int]) -> dict[str, float]:
             return {k: round((rss[k] - rss_base[k]) * 1024 / entries_n, 1) for k in rss}
@@ -538,6 +518,23 @@ def wait_replica(server: Axpolicy, times: int, timeout: float = 300) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"replica not ready:\n{server.log[-2000:]}")
         time.sleep(0.05)
+
+
+def restart_until_resumed(server: Axpolicy, while_down: Callable[[], None] | None = None,
+                          timeout: float = 600) -> float:
+    """Stop the daemon, run *while_down*, start it: seconds until its replica resumed from its cookie."""
+    done = server.log.count("replica resumed")
+    server.stop()
+    if while_down is not None:
+        while_down()
+    started = time.perf_counter()
+    server.start()
+    deadline = time.monotonic() + timeout
+    while server.log.count("replica resumed") <= done:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no resume:\n{server.log[-2000:]}")
+        time.sleep(0.005)
+    return time.perf_counter() - started
 
 
 def rss_status(server: Axpolicy) -> dict[str, int]:

@@ -18,7 +18,6 @@ from axpolicy.ldapwire import (
     SyncInfo,
     compile_filter,
     decode_message,
-    decode_sync_done,
     decode_sync_info,
     decode_sync_state,
     encode_abandon,
@@ -181,8 +180,6 @@ def test_sync_state_and_sync_info_decode() -> None:
     assert decode_sync_info(tlv(0xA1, tlv(0x04, b"c") + tlv(0x01, b"\x00"))) == SyncInfo(
         1, refresh_done=False, cookie=b"c")
     assert decode_sync_info(tlv(0x80, b"rid=000,csn=2")) == SyncInfo(0, cookie=b"rid=000,csn=2")
-    assert decode_sync_done(tlv(0x30, tlv(0x04, b"c") + tlv(0x01, b"\xff"))) == (b"c", True)
-    assert decode_sync_done(b"") == (None, False)
     assert decode_sync_info(tlv(0xA1, b"")) == SyncInfo(1, refresh_done=True)
     assert decode_sync_info(tlv(0xA3, tlv(0x01, b"\xff") + tlv(0x31, tlv(0x04, uuid)))) == SyncInfo(
         3, refresh_deletes=True, uuids=(uuid,))
